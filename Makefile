@@ -1,0 +1,25 @@
+# One entry point for set-up, tests and benchmarks. `make test` works on a fresh machine:
+# it creates .venv and installs the package with its test extras first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/audit bench engine
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
