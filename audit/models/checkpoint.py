@@ -1,0 +1,188 @@
+"""The checkpoint contract (``cam-audit/1``) and the torchvision models it names.
+
+A checkpoint is one file that ``torch.load(weights_only=True)`` can read: a dict of plain
+values and tensors, never a pickled object. Keys: ``format``, ``arch`` (a torchvision
+classification model name), ``classes`` (list of str), ``input_size`` ([h, w]),
+``mean`` and ``std`` (3 floats each) and ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from audit.errors import CheckpointError
+
+CHECKPOINT_FORMAT = "cam-audit/1"
+_REQUIRED_KEYS = ("format", "arch", "classes", "input_size", "mean", "std", "state_dict")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A validated checkpoint: everything needed to rebuild the model and preprocess its input."""
+
+    arch: str
+    classes: tuple[str, ...]
+    input_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    state_dict: Mapping[str, torch.Tensor]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "arch": self.arch,
+            "classes": list(self.classes),
+            "input_size": list(self.input_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "state_dict": dict(self.state_dict),
+        }
+
+
+@cache
+def classification_architectures() -> frozenset[str]:
+    """Names of torchvision's image classification models (detection, video, ... excluded)."""
+    return frozenset(torchvision.models.list_models(module=torchvision.models))
+
+
+def build_model(arch: str, num_classes: int) -> nn.Module:
+    """A randomly initialised torchvision classifier ``arch`` with ``num_classes`` outputs."""
+    if arch not in classification_architectures():
+        raise CheckpointError(
+            f"unknown architecture {arch!r}: expected a torchvision classification model "
+            f"such as resnet50, densenet121 or efficientnet_b0"
+        )
+    if num_classes < 1:
+        raise CheckpointError(f"a classifier needs at least one class, got {num_classes}")
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    arch: str,
+    classes: Sequence[str],
+    input_size: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> Checkpoint:
+    """Write ``model`` as a cam-audit checkpoint and return what was written."""
+    checkpoint = _validated(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "arch": arch,
+            "classes": list(classes),
+            "input_size": list(input_size),
+            "mean": [float(v) for v in mean],
+            "std": [float(v) for v in std],
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        },
+        source=str(path),
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint.to_dict(), path)
+    return checkpoint
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and validate a checkpoint without unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        smuggled = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if smuggled is None:
+            raise CheckpointError(f"{path}: not a readable torch checkpoint") from exc
+        raise CheckpointError(
+            f"{path}: refused to load: it holds a pickled {smuggled.group(1)} object; only tensors and "
+            f"plain values are accepted (the {CHECKPOINT_FORMAT} format, read with weights_only=True)"
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from exc
+    return _validated(raw, source=str(path))
+
+
+def load_model(checkpoint: Checkpoint) -> nn.Module:
+    """Rebuild the checkpoint's model with its weights, in eval mode."""
+    model = build_model(checkpoint.arch, checkpoint.num_classes)
+    try:
+        model.load_state_dict(checkpoint.state_dict, strict=True)
+    except RuntimeError as exc:
+        first_line = str(exc).splitlines()[0]
+        raise CheckpointError(
+            f"the weights do not fit {checkpoint.arch} with {checkpoint.num_classes} classes: {first_line}"
+        ) from exc
+    return model.eval()
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (checkpoints can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _validated(raw: object, source: str) -> Checkpoint:
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"{source}: expected a dict in the {CHECKPOINT_FORMAT} format, got {type(raw).__name__}")
+    missing = [key for key in _REQUIRED_KEYS if key not in raw]
+    if missing:
+        hint = " (a bare state_dict? save it with audit.models.save_checkpoint)" if "format" in missing else ""
+        raise CheckpointError(f"{source}: missing keys {', '.join(missing)}{hint}")
+    if raw["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{source}: format {raw['format']!r} is not supported, expected {CHECKPOINT_FORMAT!r}")
+    classes = raw["classes"]
+    if not (isinstance(classes, Sequence) and classes and all(isinstance(c, str) and c for c in classes)):
+        raise CheckpointError(f"{source}: 'classes' must be a non-empty list of class names")
+    if len(set(classes)) != len(classes):
+        raise CheckpointError(f"{source}: 'classes' has duplicate names")
+    if not isinstance(raw["arch"], str):
+        raise CheckpointError(f"{source}: 'arch' must be a torchvision model name")
+    return Checkpoint(
+        arch=raw["arch"],
+        classes=tuple(classes),
+        input_size=_int_pair(raw["input_size"], "input_size", source),
+        mean=_float_triple(raw["mean"], "mean", source),
+        std=_float_triple(raw["std"], "std", source, positive=True),
+        state_dict=_state_dict(raw["state_dict"], source),
+    )
+
+
+def _int_pair(value: object, key: str, source: str) -> tuple[int, int]:
+    if not (isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value)):
+        raise CheckpointError(f"{source}: {key!r} must be [height, width] in pixels, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _float_triple(value: object, key: str, source: str, positive: bool = False) -> tuple[float, float, float]:
+    ok = isinstance(value, Sequence) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)
+    if not ok or (positive and any(v <= 0 for v in value)):
+        rule = "3 positive numbers" if positive else "3 numbers"
+        raise CheckpointError(f"{source}: {key!r} must be {rule} (one per RGB channel), got {value!r}")
+    return float(value[0]), float(value[1]), float(value[2])
+
+
+def _state_dict(value: object, source: str) -> Mapping[str, torch.Tensor]:
+    if not (isinstance(value, Mapping) and all(isinstance(v, torch.Tensor) for v in value.values())):
+        raise CheckpointError(f"{source}: 'state_dict' must map parameter names to tensors")
+    return value
