@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -80,6 +81,111 @@ def bench_engine_command(
         with_peers=peers,
     )
     click.echo(json.dumps(result.to_dict()) if as_json else format_engine_bench(result))
+
+
+DATASET_CHOICE = click.Choice(["ham10000", "imagefolder", "manifest", "synthetic"])
+
+
+@main.group()
+def data() -> None:
+    """Inspect datasets and generate the synthetic one."""
+
+
+@data.command("check")
+@click.option("--dataset", "name", type=DATASET_CHOICE, required=True)
+@click.option("--data-dir", type=click.Path(path_type=Path), help="dataset folder (for manifest: the CSV/Parquet file)")
+@click.option("--mask-dir", type=click.Path(path_type=Path), help="imagefolder only: parallel tree of masks")
+@click.option("--deep", is_flag=True, help="decode every image fully (finds truncated files; slower)")
+@click.option("--estimate-masks", default=0, type=click.IntRange(min=0), help="score estimated masks against provided ones on N images")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def data_check(name: str, data_dir: Path | None, mask_dir: Path | None, deep: bool, estimate_masks: int, as_json: bool) -> None:
+    """Validate a dataset before a long job: counts, missing and unreadable files, masks, lesions.
+
+    Exits 2 when the dataset cannot be used (nothing readable, no metadata, no rows).
+    """
+    from audit.data import load_dataset
+    from audit.data.check import check_dataset, format_report
+
+    report = check_dataset(load_dataset(name, data_dir, mask_dir=mask_dir), deep=deep, estimate_masks=estimate_masks)
+    click.echo(json.dumps(report.to_dict()) if as_json else format_report(report))
+    if not report.usable:
+        raise AuditError(f"dataset {name} at {report.root} is unusable: none of its {report.rows} images can be read")
+
+
+@data.command("synth")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="folder to write (HAM10000 layout)")
+@click.option("--images", default=700, show_default=True, type=click.IntRange(min=1))
+@click.option("--height", default=96, show_default=True, type=click.IntRange(min=32))
+@click.option("--width", default=128, show_default=True, type=click.IntRange(min=32))
+@click.option(
+    "--shortcut",
+    "shortcuts",
+    multiple=True,
+    metavar="CLASS=KIND[:CORRELATION[:LEAK]][:only]",
+    help="plant an artefact, e.g. df=patch:1.0:0:only or mel=ruler:0.8:0.1 (kinds: patch, ruler, ink, dark_corners)",
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+def data_synth(out: Path, images: int, height: int, width: int, shortcuts: tuple[str, ...], seed: int) -> None:
+    """Write a synthetic HAM10000-layout dataset with planted shortcuts; prints the folder."""
+    from audit.data.synthetic import SyntheticSpec, generate, parse_shortcut
+
+    try:
+        planted = dict(parse_shortcut(text) for text in shortcuts)
+        spec = SyntheticSpec(images=images, height=height, width=width, shortcuts=planted, seed=seed)
+    except ValueError as exc:
+        raise AuditError(str(exc)) from exc
+    click.echo(generate(out, spec))
+
+
+@main.group()
+def fetch() -> None:
+    """Download public datasets."""
+
+
+@fetch.command("ham10000")
+@click.option("--dest", type=click.Path(path_type=Path), help="default: $AUDIT_DATA_DIR/ham10000 or ~/.cache/cam-audit/ham10000")
+@click.option("--base-url", default=None, hidden=True, help="Dataverse server (tests point this at a local server)")
+def fetch_ham10000_command(dest: Path | None, base_url: str | None) -> None:
+    """Download HAM10000 (images, metadata, lesion masks) from Harvard Dataverse, DOI 10.7910/DVN/DBW86T.
+
+    Resumes partial downloads, verifies sizes and MD5 checksums, extracts the archives, and does
+    nothing the second time. Prints the folder, which `--dataset ham10000` then finds by default.
+    """
+    from audit.data.fetch import DATAVERSE_URL, default_data_dir, fetch_ham10000
+
+    dest = dest or default_data_dir("ham10000")
+    with _ByteProgress() as progress:
+        fetch_ham10000(dest, base_url=base_url or DATAVERSE_URL, progress=progress)
+    click.echo(dest)
+
+
+class _ByteProgress:
+    """One click progress bar per file, on stderr (readable in a terminal and in a CI log)."""
+
+    def __init__(self) -> None:
+        self._bar = None
+        self._name: str | None = None
+        self._done = 0
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        if name != self._name:
+            self.close()
+            self._name, self._done = name, 0
+            self._bar = click.progressbar(length=total, label=name, file=sys.stderr, show_pos=False)
+            self._bar.__enter__()
+        self._bar.update(done - self._done)
+        self._done = done
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
+
+    def __enter__(self) -> _ByteProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 if __name__ == "__main__":

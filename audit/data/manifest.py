@@ -1,0 +1,162 @@
+"""The Manifest: one row per image, the table every dataset loader returns.
+
+Columns: ``image_id`` (str, unique), ``path`` (str, absolute, inside the dataset root),
+``label`` (int), ``label_name`` (str), ``mask_path`` (str or null), ``group`` (str; the
+lesion for HAM10000, used for leakage-free splits), optionally ``box_x0 box_y0 box_x1 box_y1``
+(fractions of the image), then pass-through metadata columns.
+
+Rows that cannot be used (an unknown label, a duplicate id, a path outside the root) are not
+dropped silently: they go to :attr:`Dataset.rejected` with the reason, so a job can report
+them as error rows and ``audit data check`` can list them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from audit.errors import AuditError
+
+CORE_COLUMNS = ("image_id", "path", "label", "label_name", "mask_path", "group")
+BOX_COLUMNS = ("box_x0", "box_y0", "box_x1", "box_y1")
+REJECTED_COLUMNS = ("row", "image_id", "path", "label_name", "reason")
+
+
+class DatasetError(AuditError):
+    """A dataset that cannot be used at all: missing folder or metadata, no usable rows."""
+
+
+@dataclass
+class Dataset:
+    """A loaded dataset: the manifest of usable rows, the rejected rows, and what it is."""
+
+    name: str
+    root: Path
+    classes: tuple[str, ...]
+    manifest: pd.DataFrame
+    rejected: pd.DataFrame
+    class_names: dict[str, str] = field(default_factory=dict)  # short -> full name
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def metadata_columns(self) -> list[str]:
+        return [c for c in self.manifest.columns if c not in CORE_COLUMNS and c not in BOX_COLUMNS]
+
+
+def resolve_inside(root: Path, candidate: str | os.PathLike) -> Path | None:
+    """``candidate`` (relative to ``root``, or absolute) resolved, or None when it escapes ``root``.
+
+    Symbolic links are followed before the check, so a link that points out of the root is
+    refused like ``../``.
+    """
+    root = root.resolve()
+    path = Path(candidate)
+    resolved = (path if path.is_absolute() else root / path).resolve()
+    if resolved != root and root not in resolved.parents:
+        return None
+    return resolved
+
+
+def read_table(path: Path) -> tuple[pd.DataFrame, list[str]]:
+    """A CSV (UTF-8 with or without BOM; Latin-1 as a fallback, with a warning) or Parquet file."""
+    warnings: list[str] = []
+    if path.suffix.lower() in (".parquet", ".pq"):
+        try:
+            return pd.read_parquet(path), warnings
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            raise DatasetError(f"{path}: not a readable Parquet file ({exc})") from exc
+    try:
+        frame = pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False)
+    except UnicodeDecodeError:
+        frame = pd.read_csv(path, encoding="latin-1", dtype=str, keep_default_na=False)
+        warnings.append(f"{path.name} is not UTF-8; read as Latin-1")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise DatasetError(f"{path}: not a readable CSV file ({exc})") from exc
+    frame.columns = [str(c).strip() for c in frame.columns]
+    return frame, warnings
+
+
+class ManifestBuilder:
+    """Collects rows, rejecting the unusable ones with a reason; builds the two tables."""
+
+    def __init__(self, root: Path, classes: Sequence[str], mask_root: Path | None = None) -> None:
+        self.root = root.resolve()
+        self.mask_root = (mask_root or root).resolve()
+        self.classes = tuple(classes)
+        self._index = {name: i for i, name in enumerate(self.classes)}
+        self._rows: list[dict] = []
+        self._rejected: list[dict] = []
+        self._seen: dict[str, int] = {}
+
+    def add(
+        self,
+        row: int,
+        image_id: str,
+        path: str | os.PathLike,
+        label_name: str,
+        mask_path: str | os.PathLike | None = None,
+        group: str | None = None,
+        extra: dict | None = None,
+    ) -> None:
+        image_id = str(image_id).strip()
+        resolved = resolve_inside(self.root, path) if str(path).strip() else None
+        reason = "empty path" if not str(path).strip() else self._problem(image_id, label_name)
+        if reason is None and resolved is None:
+            reason = f"path {str(path)!r} is outside the dataset root {self.root}"
+        mask = resolve_inside(self.mask_root, mask_path) if mask_path else None
+        if reason is None and mask_path and mask is None:
+            reason = f"mask path {str(mask_path)!r} is outside the mask folder {self.mask_root}"
+        if reason is not None:
+            self._rejected.append(
+                {"row": row, "image_id": image_id, "path": str(path), "label_name": str(label_name), "reason": reason}
+            )
+            return
+        self._seen[image_id] = row
+        self._rows.append(
+            {
+                "image_id": image_id,
+                "path": str(resolved),
+                "label": self._index[label_name],
+                "label_name": label_name,
+                "mask_path": str(mask) if mask is not None else None,
+                "group": str(group) if group not in (None, "") else image_id,
+                **(extra or {}),
+            }
+        )
+
+    def _problem(self, image_id: str, label_name: str) -> str | None:
+        if not image_id:
+            return "empty image_id"
+        if image_id in self._seen:
+            return f"duplicate image_id (first seen at row {self._seen[image_id]})"
+        if label_name not in self._index:
+            return f"label {label_name!r} is not one of the classes ({', '.join(self.classes)})"
+        return None
+
+    def build(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        manifest = pd.DataFrame(self._rows, columns=_columns(self._rows))
+        manifest = manifest.astype({"image_id": str, "path": str, "label": "int64", "label_name": str, "group": str})
+        rejected = pd.DataFrame(self._rejected, columns=list(REJECTED_COLUMNS))
+        return manifest, rejected
+
+
+def _columns(rows: Iterable[dict]) -> list[str]:
+    columns = list(CORE_COLUMNS)
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    return columns
+
+
+def require_rows(dataset: Dataset) -> Dataset:
+    """Fail clearly when nothing usable is left."""
+    if dataset.manifest.empty:
+        detail = ""
+        if not dataset.rejected.empty:
+            reasons = dataset.rejected["reason"].value_counts().head(3)
+            detail = "; rejected: " + "; ".join(f"{n} x {reason}" for reason, n in reasons.items())
+        raise DatasetError(f"dataset {dataset.name!r} at {dataset.root} has no usable images{detail}")
+    return dataset
