@@ -32,6 +32,49 @@ def main() -> None:
     """cam-audit: check that an image classifier looks at the object, not at a shortcut."""
 
 
+@main.command("run")
+@click.option("--dataset", "name", type=click.Choice(["ham10000", "imagefolder", "manifest", "synthetic"]))
+@click.option("--data-dir", type=click.Path(path_type=Path), help="dataset folder (for manifest: the CSV/Parquet file)")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="cam-audit/1 checkpoint (.pt)")
+@click.option("--out", default="reports", show_default=True, type=click.Path(path_type=Path), help="runs are written to OUT/<run_id>/")
+@click.option("--targets", type=click.Choice(["pred", "label", "both"]), default="pred", show_default=True, help="classes to explain")
+@click.option("--address", default=None, help="join a Ray cluster (auto, ray://host:10001); default: start a local one")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="only the first N images, for a quick look")
+@click.option("--masks", type=click.Choice(["auto", "provided", "estimate", "none"]), default="auto", show_default=True,
+              help="auto: a row's own mask, else an estimated lesion mask")
+@click.option("--target-layer", default=None, help="module to explain (default: found automatically)")
+@click.option("--classifier", default=None, help="linear layer CAM reads (default: found automatically)")
+@click.option("--actors", default=None, type=click.IntRange(min=1), help="explain actors (default: one per GPU, else per node)")
+@click.option("--resume", "resume_dir", type=click.Path(path_type=Path, file_okay=False), help="finish an interrupted run")
+def run_command(name, data_dir, checkpoint, out, targets, address, batch_size, limit, masks, target_layer, classifier, actors, resume_dir) -> None:
+    """Explain every image of a dataset with CAM, Grad-CAM and Grad-CAM++ on a Ray cluster.
+
+    Writes OUT/<run_id>/ with run.json, manifest.parquet and explanations/ (one row per image
+    and target, ok or error with a reason), and prints the run directory as the last line.
+    Ctrl-C stops cleanly; `audit run --resume RUN_DIR` then finishes without recomputing.
+    """
+    from audit.config import RunConfig
+    from audit.pipeline.run import resume_audit, run_audit
+
+    try:
+        if resume_dir is not None:
+            run_dir = resume_audit(resume_dir)
+        else:
+            if name is None or checkpoint is None:
+                raise AuditError("audit run needs --dataset and --checkpoint (or --resume RUN_DIR)")
+            config = RunConfig(
+                dataset=name, checkpoint=str(checkpoint), data_dir=str(data_dir) if data_dir else None, out=str(out),
+                targets=targets, address=address, batch_size=batch_size, limit=limit, masks=masks,
+                target_layer=target_layer, classifier=classifier, actors=actors,
+            )
+            run_dir = run_audit(config)
+    except KeyboardInterrupt:
+        click.echo("interrupted: finish the run with `audit run --resume RUN_DIR`", err=True)
+        sys.exit(130)
+    click.echo(run_dir)
+
+
 @main.group()
 def bench() -> None:
     """Measure speed: the explanation engine against a plain forward and the peer libraries."""

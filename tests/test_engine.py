@@ -206,3 +206,20 @@ def test_channels_last_model_gives_the_same_maps(resnet18):
     fast = ExplainEngine(model, (SIZE, SIZE))(images.contiguous(memory_format=torch.channels_last))
     for name in ("cam", "gradcam", "gradcampp"):
         assert torch.allclose(plain.maps[name], fast.maps[name], atol=1e-4)
+
+
+def test_explain_many_shares_the_forward_and_equals_separate_calls(resnet18):
+    engine = ExplainEngine(resnet18, (SIZE, SIZE))
+    images = random_images(3, SIZE)
+    labels = torch.tensor([0, 1, 2])
+    calls = []
+    handle = resnet18.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        predicted, given = engine.explain_many(images, [None, labels])
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    for combined, alone in ((predicted, engine(images)), (given, engine(images, labels))):
+        assert torch.equal(combined.targets, alone.targets)
+        for name in ("cam", "gradcam", "gradcampp"):
+            assert torch.allclose(combined.maps[name], alone.maps[name], atol=1e-6)

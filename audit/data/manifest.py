@@ -2,7 +2,8 @@
 
 Columns: ``image_id`` (str, unique), ``path`` (str, absolute, inside the dataset root),
 ``label`` (int), ``label_name`` (str), ``mask_path`` (str or null), ``group`` (str; the
-lesion for HAM10000, used for leakage-free splits), optionally ``box_x0 box_y0 box_x1 box_y1``
+lesion for HAM10000, used for leakage-free splits), ``source_row`` (the row's position in the
+dataset's own listing, which rejected rows share), optionally ``box_x0 box_y0 box_x1 box_y1``
 (fractions of the image), then pass-through metadata columns.
 
 Rows that cannot be used (an unknown label, a duplicate id, a path outside the root) are not
@@ -124,6 +125,7 @@ class ManifestBuilder:
                 "label_name": label_name,
                 "mask_path": str(mask) if mask is not None else None,
                 "group": str(group) if group not in (None, "") else image_id,
+                "source_row": row,
                 **(extra or {}),
             }
         )
@@ -139,7 +141,9 @@ class ManifestBuilder:
 
     def build(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         manifest = pd.DataFrame(self._rows, columns=_columns(self._rows))
-        manifest = manifest.astype({"image_id": str, "path": str, "label": "int64", "label_name": str, "group": str})
+        manifest = manifest.astype(
+            {"image_id": str, "path": str, "label": "int64", "label_name": str, "group": str, "source_row": "int64"}
+        )
         rejected = pd.DataFrame(self._rejected, columns=list(REJECTED_COLUMNS))
         return manifest, rejected
 

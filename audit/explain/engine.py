@@ -80,15 +80,26 @@ class ExplainEngine:
 
     def __call__(self, images: Tensor, targets: Tensor | None = None) -> Explanation:
         """Explain ``images`` (N, 3, H, W) for ``targets`` (N,), by default the predicted classes."""
+        return self.explain_many(images, [targets])[0]
+
+    def explain_many(self, images: Tensor, target_sets: list[Tensor | None]) -> list[Explanation]:
+        """One forward, then one backward per target set (e.g. predicted and true classes).
+
+        The backwards only run through the head, so a second target set costs almost nothing.
+        """
         images = images.to(self.device, non_blocking=True)
         logits, activations = self._forward(images)
-        targets = self._resolve_targets(targets, logits)
-        with torch.enable_grad():  # the caller may hold no_grad(); the head's graph needs the score too
-            logits = logits.float()
-            score = logits.gather(1, targets[:, None]).sum()
-            (gradients,) = torch.autograd.grad(score, activations)
-        logits = logits.detach()
-        return self._explanation(logits, targets, activations.detach().float(), gradients.float())
+        explanations = []
+        for index, targets in enumerate(target_sets):
+            targets = self._resolve_targets(targets, logits)
+            with torch.enable_grad():  # the caller may hold no_grad(); the head's graph needs the score too
+                score = logits.float().gather(1, targets[:, None]).sum()
+                last = index == len(target_sets) - 1
+                (gradients,) = torch.autograd.grad(score, activations, retain_graph=not last)
+            explanations.append(
+                self._explanation(logits.detach().float(), targets, activations.detach().float(), gradients.float())
+            )
+        return explanations
 
     def _forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         captured: list[Tensor] = []
@@ -103,7 +114,7 @@ class ExplainEngine:
 
         handle = self.target_module.register_forward_hook(open_graph_here)
         try:
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad(), self.autocast():
                 logits = self.model(images)
         finally:
             handle.remove()
@@ -111,7 +122,7 @@ class ExplainEngine:
             raise ModelAnatomyError(f"target layer {self.anatomy.target_layer!r} did not run in the forward pass")
         return logits, captured[0]
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)

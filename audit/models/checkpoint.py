@@ -9,6 +9,7 @@ classification model name), ``classes`` (list of str), ``input_size`` ([h, w]),
 from __future__ import annotations
 
 import hashlib
+import io
 import pickle
 import re
 from collections.abc import Mapping, Sequence
@@ -101,23 +102,32 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read and validate a checkpoint without unpickling arbitrary objects."""
+    """Read and validate a checkpoint file without unpickling arbitrary objects."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    return _read(path, str(path))
+
+
+def checkpoint_from_bytes(data: bytes, source: str = "checkpoint") -> Checkpoint:
+    """The same as :func:`load_checkpoint`, from the file's bytes (as shipped to Ray actors)."""
+    return _read(io.BytesIO(data), source)
+
+
+def _read(file: Path | io.BytesIO, source: str) -> Checkpoint:
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         smuggled = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if smuggled is None:
-            raise CheckpointError(f"{path}: not a readable torch checkpoint") from exc
+            raise CheckpointError(f"{source}: not a readable torch checkpoint") from exc
         raise CheckpointError(
-            f"{path}: refused to load: it holds a pickled {smuggled.group(1)} object; only tensors and "
+            f"{source}: refused to load: it holds a pickled {smuggled.group(1)} object; only tensors and "
             f"plain values are accepted (the {CHECKPOINT_FORMAT} format, read with weights_only=True)"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from exc
-    return _validated(raw, source=str(path))
+        raise CheckpointError(f"{source}: not a readable torch checkpoint ({exc})") from exc
+    return _validated(raw, source=source)
 
 
 def load_model(checkpoint: Checkpoint) -> nn.Module:

@@ -1,0 +1,79 @@
+"""Start or join a Ray cluster, and size the job to it.
+
+Without an address a local Ray instance is started for the run and shut down after it;
+``auto`` or ``ray://host:port`` (or ``host:port``) joins an existing cluster, which is left
+running. A driver that is already connected (a test session, a notebook) is reused as is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from audit.errors import AuditError
+
+
+class ClusterError(AuditError):
+    """The Ray cluster cannot be reached or started."""
+
+
+@contextmanager
+def ray_cluster(address: str | None = None) -> Iterator[None]:
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    try:
+        if address is None:
+            ray.init(include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
+        else:
+            ray.init(address=address, logging_level=logging.WARNING)
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        raise ClusterError(f"cannot connect to {where}: {_first_line(exc)}") from exc
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    """How many explain actors, and what each reserves.
+
+    GPUs: one actor per GPU (``num_gpus=1``). CPU only: one actor per node, reserving one CPU
+    and running torch on all but one of the node's cores (at least one), so the decode tasks
+    always find a free CPU and the job cannot starve itself (ray-project/ray#44687).
+    """
+
+    actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
+    torch_threads: int
+    decode_cpus: float
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def plan_resources(actors: int | None = None) -> ResourcePlan:
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus = int(resources.get("CPU", os.cpu_count() or 1))
+    gpus = int(resources.get("GPU", 0))
+    nodes = max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+    if gpus:
+        return ResourcePlan(actors or gpus, 1.0, 1.0, max(1, cpus // max(1, gpus) - 1), 1.0)
+    per_node = max(1, cpus // nodes)
+    threads = max(1, per_node - 1) if per_node > 2 else per_node
+    return ResourcePlan(actors or nodes, 0.0, 1.0 if per_node > 1 else 0.5, threads, 0.5)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

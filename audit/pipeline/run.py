@@ -1,0 +1,421 @@
+"""`audit run`: manifest -> decode -> explain actors -> Parquet, resumable, nothing lost.
+
+Exactly once, by construction rather than by trust in the executor:
+
+* every manifest row x target kind is one *key* ``(image_id, target_kind)``; rows the loader
+  rejected are written as error rows (stage ``manifest``) before anything runs;
+* before each pass the driver lists what is done: it deletes output files that cannot be read
+  (a write cut off by a kill has no Parquet footer) and drops keys that another file already
+  holds; what is left to do goes to ``pending.parquet``, the job's file source;
+* the job streams the pending rows through Ray Data and ``write_parquet``; a killed worker is
+  restarted and its task retried by Ray Data, and a retried write task rewrites its own file;
+* the driver repeats until no key is pending (a resumed run is just another pass), then counts:
+  rows must equal manifest rows x target kinds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from audit.config import RunConfig
+from audit.data import load_dataset
+from audit.data.manifest import BOX_COLUMNS, Dataset
+from audit.errors import AuditError
+from audit.models.anatomy import inspect_model
+from audit.models.checkpoint import Checkpoint, load_checkpoint, load_model, sha256_file
+from audit.pipeline.cluster import plan_resources, ray_cluster
+from audit.pipeline.schema import KEY, explanation_schema, to_table
+from audit.pipeline.stages import Explainer, decode_batch
+
+RUN_FILE = "run.json"
+MANIFEST_FILE = "manifest.parquet"
+PENDING_FILE = "pending.parquet"
+OUTPUT_DIR = "explanations"
+REJECTED_FILE = "rejected.parquet"
+MAX_PASSES = 3
+
+
+class RunError(AuditError):
+    """A run that cannot start or resume."""
+
+
+@dataclass
+class RunState:
+    run_dir: Path
+    config: RunConfig
+    checkpoint: Checkpoint
+    schema: pa.Schema
+    manifest: pd.DataFrame
+    info: dict
+
+
+def run_audit(config: RunConfig, *, progress: bool = True, kill_worker_after: str | None = None) -> Path:
+    """Start a new run; return its directory."""
+    state = _prepare(config.resolved())
+    return _execute(state, progress, kill_worker_after)
+
+
+def resume_audit(run_dir: Path, *, progress: bool = True, kill_worker_after: str | None = None) -> Path:
+    """Finish an interrupted run without recomputing its finished rows."""
+    run_dir = Path(run_dir).resolve()
+    info = _read_info(run_dir)
+    config = RunConfig.from_dict(info["config"])
+    checkpoint = load_checkpoint(config.checkpoint)
+    if sha256_file(config.checkpoint) != info["model"]["sha256"]:
+        raise RunError(f"{config.checkpoint} changed since run {info['run_id']} started; start a new run instead")
+    manifest = pd.read_parquet(run_dir / MANIFEST_FILE)
+    schema = pq.read_schema(run_dir / "schema.parquet")
+    state = RunState(run_dir, config, checkpoint, schema, manifest, info)
+    return _execute(state, progress, kill_worker_after)
+
+
+def _prepare(config: RunConfig) -> RunState:
+    checkpoint = load_checkpoint(config.checkpoint)
+    dataset = load_dataset(config.dataset, config.data_dir, classes=checkpoint.classes)
+    manifest, rejected = _against_model(dataset, checkpoint)
+    if config.limit is not None:
+        cutoff = manifest["source_row"].iloc[min(config.limit, len(manifest)) - 1] if len(manifest) else -1
+        manifest = manifest.head(config.limit)
+        rejected = rejected[rejected["row"] <= cutoff]
+    if manifest.empty:
+        raise RunError(f"no image of dataset {config.dataset} can be explained by this model")
+    model_sha = sha256_file(config.checkpoint)
+    fingerprint = _fingerprint(manifest, rejected)
+    anatomy = inspect_model(load_model(checkpoint), checkpoint.input_size, config.target_layer, config.classifier)
+    started = datetime.now(timezone.utc)
+    digest = hashlib.sha256(json.dumps([config.to_dict(), model_sha, fingerprint]).encode()).hexdigest()[:8]
+    run_id = f"{started:%Y%m%d-%H%M%S}-{digest}"
+    run_dir = Path(config.out) / run_id
+    (run_dir / OUTPUT_DIR).mkdir(parents=True, exist_ok=False)
+
+    manifest = manifest.assign(kinds=[list(config.target_kinds)] * len(manifest))
+    manifest.to_parquet(run_dir / MANIFEST_FILE, index=False)
+    with_boxes = all(c in manifest.columns for c in BOX_COLUMNS)
+    schema = explanation_schema(pa.Schema.from_pandas(manifest, preserve_index=False), with_boxes)
+    pq.write_table(schema.empty_table(), run_dir / "schema.parquet")
+    _write_atomic(_rejected_rows(rejected, config.target_kinds, schema), run_dir / OUTPUT_DIR / REJECTED_FILE)
+    info = {
+        "run_id": run_id,
+        "status": "running",
+        "started": started.isoformat(),
+        "config": config.to_dict(),
+        "versions": _versions(),
+        "model": {
+            "checkpoint": config.checkpoint,
+            "sha256": model_sha,
+            "arch": checkpoint.arch,
+            "classes": list(checkpoint.classes),
+            "input_size": list(checkpoint.input_size),
+            "target_layer": anatomy.target_layer,
+            "feature_shape": list(anatomy.feature_shape),
+            "cam_head": anatomy.cam_head.name if anatomy.cam_head else None,
+            "cam_note": anatomy.cam_note,
+            "gradcam_proportional_to_cam": anatomy.gradcam_proportional_to_cam,
+        },
+        "dataset": {
+            "name": dataset.name,
+            "root": str(dataset.root),
+            "fingerprint": fingerprint,
+            "classes": list(dataset.classes),
+            "images": int(len(manifest)),
+            "rejected": int(len(rejected)),
+            "warnings": dataset.warnings,
+        },
+        "attempts": [],
+    }
+    _write_info(run_dir, info)
+    return RunState(run_dir, config, checkpoint, schema, manifest, info)
+
+
+def _execute(state: RunState, progress: bool, kill_worker_after: str | None) -> Path:
+    import ray
+
+    attempt = {"started": _now(), "computed_rows": 0, "passes": 0}
+    state.info["attempts"].append(attempt)
+    state.info["status"] = "running"
+    _write_info(state.run_dir, state.info)
+    began = time.perf_counter()
+    try:
+        with ray_cluster(state.config.address):
+            plan = plan_resources(state.config.actors)
+            attempt["resources"] = plan.to_dict()
+            checkpoint_ref = ray.put(Path(state.config.checkpoint).read_bytes())
+            for _ in range(MAX_PASSES):
+                pending = _pending(state)
+                if pending.empty:
+                    break
+                attempt["passes"] += 1
+                attempt["computed_rows"] += int(pending["kinds"].map(len).sum())
+                pending = pending.assign(kinds=pending["kinds"].map(",".join))  # a plain string survives Arrow as is
+                pending.to_parquet(state.run_dir / PENDING_FILE, index=False, row_group_size=state.config.batch_size)
+                with _Progress(state, enabled=progress):
+                    _run_pass(state, plan, checkpoint_ref, kill_worker_after)
+    except KeyboardInterrupt:
+        _finish(state, attempt, began, "interrupted")
+        raise
+    except Exception:
+        _finish(state, attempt, began, "failed")
+        raise
+    _finish(state, attempt, began, None)
+    return state.run_dir
+
+
+def _run_pass(state: RunState, plan, checkpoint_ref, kill_worker_after: str | None) -> None:
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    config = state.config
+    dataset = ray.data.read_parquet(str(state.run_dir / PENDING_FILE), ray_remote_args={"num_cpus": plan.decode_cpus})
+    decoded = dataset.map_batches(
+        decode_batch,
+        fn_kwargs={"input_size": state.checkpoint.input_size, "masks": config.masks},
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        num_cpus=plan.decode_cpus,
+    )
+    explained = decoded.map_batches(
+        Explainer,
+        fn_constructor_kwargs={
+            "checkpoint_ref": [checkpoint_ref],
+            "config": config.to_dict(),
+            "schema": state.schema,
+            "threads": plan.torch_threads,
+            "kill_after": kill_worker_after,
+        },
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=plan.actors),
+        num_cpus=plan.cpus_per_actor,
+        num_gpus=plan.gpus_per_actor or None,
+    )
+    explained.write_parquet(str(state.run_dir / OUTPUT_DIR), schema=state.schema)
+
+
+def _pending(state: RunState) -> pd.DataFrame:
+    """Manifest rows with the target kinds not yet in a readable output file."""
+    done = done_keys(state.run_dir)
+    expected = state.manifest[["image_id", "kinds"]].explode("kinds").rename(columns={"kinds": "target_kind"})
+    todo = expected.merge(done.assign(_done=True), on=list(KEY), how="left")
+    todo = todo[todo["_done"].isna()]
+    kinds = todo.groupby("image_id", sort=False)["target_kind"].agg(list)
+    pending = state.manifest[state.manifest["image_id"].isin(kinds.index)].copy()
+    pending["kinds"] = pending["image_id"].map(kinds)
+    return pending
+
+
+def done_keys(run_dir: Path) -> pd.DataFrame:
+    """Keys held by the output files, after removing unreadable files and duplicate rows."""
+    seen: set[tuple[str, str]] = set()
+    frames = []
+    for file in sorted((run_dir / OUTPUT_DIR).glob("*.parquet")):
+        if file.name == REJECTED_FILE:
+            continue
+        try:
+            keys = pq.read_table(file, columns=list(KEY)).to_pandas()
+        except (pa.ArrowInvalid, OSError):
+            file.unlink()  # cut off mid-write: its rows are recomputed
+            continue
+        tuples = list(zip(keys["image_id"], keys["target_kind"]))
+        duplicated = [key in seen for key in tuples]
+        if any(duplicated):
+            _drop_rows(file, duplicated)
+            keys = keys[[not d for d in duplicated]]
+            tuples = [t for t, d in zip(tuples, duplicated) if not d]
+        seen.update(tuples)
+        frames.append(keys)
+    return pd.concat(frames) if frames else pd.DataFrame(columns=list(KEY))
+
+
+def _drop_rows(file: Path, drop: list[bool]) -> None:
+    table = pq.read_table(file)
+    kept = table.filter(pa.array([not d for d in drop]))
+    if kept.num_rows:
+        _write_atomic(kept, file)
+    else:
+        file.unlink()
+
+
+def _finish(state: RunState, attempt: dict, began: float, status: str | None) -> None:
+    attempt["seconds"] = round(time.perf_counter() - began, 3)
+    attempt["finished"] = _now()
+    counts = count_rows(state.run_dir)
+    expected = (len(state.manifest) + state.info["dataset"]["rejected"]) * len(state.config.target_kinds)
+    state.info["counts"] = {**counts, "expected_rows": expected}
+    if status is None:
+        status = "complete" if counts["rows"] == expected else "incomplete"
+    state.info["status"] = status
+    seconds = sum(a.get("seconds", 0) for a in state.info["attempts"])
+    state.info["timings"] = {"seconds": round(seconds, 3), "rows_per_second": round(counts["rows"] / seconds, 3) if seconds else None}
+    (state.run_dir / PENDING_FILE).unlink(missing_ok=True)
+    _write_info(state.run_dir, state.info)
+    if status == "incomplete":
+        raise RunError(f"run {state.run_dir} holds {counts['rows']} rows, expected {expected}; resume it with --resume")
+
+
+def count_rows(run_dir: Path) -> dict:
+    """Rows, ok rows and error rows by stage, from the output files."""
+    files = sorted((run_dir / OUTPUT_DIR).glob("*.parquet"))
+    if not files:
+        return {"rows": 0, "ok": 0, "errors": 0, "errors_by_stage": {}}
+    table = pa.concat_tables([pq.read_table(f, columns=["status", "error_stage"]) for f in files])
+    frame = table.to_pandas()
+    errors = frame[frame["status"] == "error"]
+    return {
+        "rows": int(len(frame)),
+        "ok": int((frame["status"] == "ok").sum()),
+        "errors": int(len(errors)),
+        "errors_by_stage": {str(k): int(v) for k, v in errors["error_stage"].value_counts().items()},
+    }
+
+
+def _against_model(dataset: Dataset, checkpoint: Checkpoint) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Labels re-indexed to the model's classes; rows of classes the model lacks are rejected."""
+    classes = list(checkpoint.classes)
+    manifest = dataset.manifest
+    if set(dataset.classes) - set(classes) and all(c.isdigit() for c in dataset.classes):
+        names = {str(i): name for i, name in enumerate(classes)}  # bare indices name the model's classes
+        manifest = manifest.assign(label_name=manifest["label_name"].map(lambda n: names.get(n, n)))
+    known = manifest["label_name"].isin(classes)
+    unknown = manifest[~known]
+    rejected = pd.concat(
+        [
+            dataset.rejected,
+            pd.DataFrame(
+                {
+                    "row": unknown["source_row"],
+                    "image_id": unknown["image_id"],
+                    "path": unknown["path"],
+                    "label_name": unknown["label_name"],
+                    "reason": [f"label {n!r} is not one of the model's classes" for n in unknown["label_name"]],
+                }
+            ),
+        ],
+        ignore_index=True,
+    )
+    manifest = manifest[known].assign(label=lambda f: f["label_name"].map(classes.index).astype("int64"))
+    return manifest.reset_index(drop=True), rejected
+
+
+def _rejected_rows(rejected: pd.DataFrame, kinds: tuple[str, ...], schema: pa.Schema) -> pa.Table:
+    columns: dict[str, list] = {name: [] for name in schema.names}
+    for record in rejected.to_dict("records"):
+        for kind in kinds:
+            row = {
+                "image_id": record["image_id"],
+                "label_name": record["label_name"],
+                "path": record["path"],
+                "target_kind": kind,
+                "status": "error",
+                "error_stage": "manifest",
+                "error": record["reason"],
+                "source_row": record["row"],
+            }
+            for name, values in columns.items():
+                values.append(row.get(name))
+    return to_table(columns, schema)
+
+
+def _fingerprint(manifest: pd.DataFrame, rejected: pd.DataFrame) -> str:
+    digest = hashlib.sha256()
+    for image_id, label_name, path in manifest[["image_id", "label_name", "path"]].itertuples(index=False):
+        size = Path(path).stat().st_size if Path(path).is_file() else -1
+        digest.update(f"{image_id}\t{label_name}\t{size}\n".encode())
+    digest.update(f"rejected:{len(rejected)}".encode())
+    return digest.hexdigest()
+
+
+def _versions() -> dict:
+    names = ("cam-audit", "torch", "torchvision", "ray", "pyarrow", "pandas", "numpy")
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    partial = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, partial)
+    partial.replace(path)
+
+
+def _read_info(run_dir: Path) -> dict:
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        raise RunError(f"{run_dir} is not a run directory (no {RUN_FILE})")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _write_info(run_dir: Path, info: dict) -> None:
+    partial = run_dir / f".{RUN_FILE}.tmp"
+    partial.write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
+    partial.replace(run_dir / RUN_FILE)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+class _Progress:
+    """Prints rows written so far every few seconds (stderr), from the output files' footers."""
+
+    def __init__(self, state: RunState, enabled: bool, every: float = 5.0) -> None:
+        self.state, self.enabled, self.every = state, enabled, every
+        self.stop = threading.Event()
+        self.counted: dict[str, int] = {}
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.total = (len(state.manifest) + state.info["dataset"]["rejected"]) * len(state.config.target_kinds)
+
+    def __enter__(self) -> _Progress:
+        self.began = time.perf_counter()
+        self._count()
+        self.start = sum(self.counted.values())
+        if self.enabled:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.enabled:
+            self.thread.join()
+            self._report()
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.every):
+            self._report()
+
+    def _count(self) -> None:
+        for file in (self.state.run_dir / OUTPUT_DIR).glob("*.parquet"):
+            if file.name not in self.counted:
+                try:
+                    self.counted[file.name] = pq.read_metadata(file).num_rows
+                except (pa.ArrowInvalid, OSError):
+                    continue  # still being written
+
+    def _report(self) -> None:
+        import sys
+
+        self._count()
+        done = sum(self.counted.values())
+        rate = (done - self.start) / max(time.perf_counter() - self.began, 1e-9)
+        share = 100 * done / self.total if self.total else 100
+        print(f"progress: {done}/{self.total} rows ({share:.0f}%), {rate:.1f} rows/s", file=sys.stderr, flush=True)

@@ -1,0 +1,264 @@
+"""The two stages of the Ray Data job: decode (CPU tasks) and explain (GPU or CPU actors).
+
+Both catch failures per row: a bad image or mask becomes an error row with its stage and
+reason, and the rest of its batch carries on. Images stay uint8 until the actor's device.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from audit.data.decode import DecodeError, decode_image, decode_mask
+from audit.data.masks import estimate_lesion_mask
+from audit.data.manifest import BOX_COLUMNS
+from audit.explain.engine import ExplainEngine, Explanation
+from audit.explain.methods import METHODS
+from audit.explain.metrics import MetricSettings, score_batch
+from audit.models.checkpoint import Checkpoint, checkpoint_from_bytes, load_model
+from audit.pipeline.schema import to_table
+
+PASS_THROUGH_SKIP = {"kinds", "image", "mask", "has_mask", "mask_source", "decode_stage", "decode_error"}
+
+
+def decode_batch(batch: dict[str, np.ndarray], input_size: tuple[int, int], masks: str) -> dict[str, np.ndarray]:
+    """Decode and resize each image (and its mask) to ``input_size``; failures become reasons.
+
+    Images are resized to the model's input size without cropping (a crop could cut away
+    exactly the corner where a shortcut sits); masks follow with nearest-neighbour.
+    """
+    h, w = input_size
+    n = len(batch["image_id"])
+    images = np.zeros((n, h, w, 3), dtype=np.uint8)
+    mask_out = np.zeros((n, h, w), dtype=bool)
+    has_mask = np.zeros(n, dtype=bool)
+    source = np.full(n, "none", dtype=object)
+    # "" rather than None: a column of nothing but nulls does not survive Ray's Arrow round trip as None
+    stage = np.full(n, "", dtype=object)
+    error = np.full(n, "", dtype=object)
+    for i in range(n):
+        try:
+            rgb = decode_image(batch["path"][i])
+        except DecodeError as exc:
+            stage[i], error[i] = "decode", str(exc)
+            continue
+        images[i] = np.asarray(Image.fromarray(rgb).resize((w, h), Image.Resampling.BILINEAR))
+        mask_path = batch["mask_path"][i] if isinstance(batch["mask_path"][i], str) else None
+        try:
+            if mask_path and masks in ("auto", "provided"):
+                full = decode_mask(mask_path, rgb.shape[:2])
+                mask_out[i] = np.asarray(Image.fromarray(full).resize((w, h), Image.Resampling.NEAREST))
+                source[i] = "provided"
+            elif masks == "estimate" or (masks == "auto" and not mask_path):
+                mask_out[i] = estimate_lesion_mask(images[i])
+                source[i] = "estimated"
+        except DecodeError as exc:
+            stage[i], error[i] = "mask", str(exc)
+            continue
+        has_mask[i] = source[i] != "none"
+    out = {key: value for key, value in batch.items() if key not in ("path_bytes",)}
+    out.update(image=images, mask=mask_out, has_mask=has_mask, mask_source=source, decode_stage=stage, decode_error=error)
+    return out
+
+
+class Explainer:
+    """An actor holding one model: explains decoded batches and returns rows of the output table.
+
+    ``mode="forward"`` computes predictions only (the throughput baseline of
+    ``audit bench pipeline``). ``kill_after`` (``"N:marker-path"``) is a fault-injection hook
+    for tests: the N-th batch SIGKILLs this worker process once, when the marker file does not
+    exist yet.
+    """
+
+    def __init__(
+        self,
+        checkpoint_ref: list,
+        config: dict,
+        schema: pa.Schema,
+        threads: int | None = None,
+        mode: str = "explain",
+        kill_after: str | None = None,
+    ) -> None:
+        import ray
+
+        if threads:
+            torch.set_num_threads(threads)
+        checkpoint: Checkpoint = checkpoint_from_bytes(ray.get(checkpoint_ref[0]))
+        self.device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
+        on_gpu = self.device.type == "cuda"
+        model = load_model(checkpoint).to(self.device)
+        if on_gpu:
+            model = model.to(memory_format=torch.channels_last)
+        self.engine = ExplainEngine(
+            model,
+            checkpoint.input_size,
+            target_layer=config.get("target_layer"),
+            classifier=config.get("classifier"),
+            gradcampp_eps=config.get("gradcampp_eps", 0.0),
+            autocast_dtype=torch.bfloat16 if on_gpu else None,
+        )
+        self.mean = torch.tensor(checkpoint.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(checkpoint.std, device=self.device).view(1, 3, 1, 1)
+        self.settings = MetricSettings(grid=config.get("grid", 56), topk=config.get("topk", 0.2), delta=config.get("delta", 0.5))
+        self.schema = schema
+        self.mode = mode
+        self.with_boxes = all(c in schema.names for c in ("loc_consensus", *BOX_COLUMNS))
+        self.batches = 0
+        self.kill_after = kill_after
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        self.batches += 1
+        self._maybe_die()
+        rows = _Rows(self.schema)
+        n = len(batch["image_id"])
+        ok = np.array([not batch["decode_stage"][i] for i in range(n)], dtype=bool)
+        results = self._explain(batch, np.flatnonzero(ok))
+        for i in range(n):
+            for kind in batch["kinds"][i].split(","):
+                row = _base_row(batch, i, kind)
+                if not ok[i]:
+                    rows.add({**row, "status": "error", "error_stage": batch["decode_stage"][i], "error": batch["decode_error"][i]})
+                elif isinstance(results.get(i), str):
+                    rows.add({**row, "status": "error", "error_stage": "model", "error": results[i]})
+                else:
+                    rows.add({**row, **results[i][kind]})
+        return rows.table()
+
+    def _explain(self, batch: dict[str, np.ndarray], indices: np.ndarray) -> dict[int, dict | str]:
+        """Per decoded row: {kind: columns} on success, or the model error's text."""
+        if len(indices) == 0:
+            return {}
+        try:
+            return self._explain_indices(batch, indices)
+        except Exception as exc:  # noqa: BLE001 - isolate the failing row; the rest of the batch survives
+            if len(indices) == 1:
+                return {int(indices[0]): _one_line(exc)}
+            results: dict[int, dict | str] = {}
+            for index in indices:
+                results.update(self._explain(batch, np.array([index])))
+            return results
+
+    def _explain_indices(self, batch: dict[str, np.ndarray], indices: np.ndarray) -> dict[int, dict]:
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["image"][indices])).to(self.device, non_blocking=True)
+        images = (pixels.permute(0, 3, 1, 2).float().div_(255) - self.mean) / self.std
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        kinds = sorted({kind for i in indices for kind in batch["kinds"][i].split(",")})
+        labels = torch.as_tensor(batch["label"][indices].astype(np.int64), device=self.device)
+        if self.mode == "forward":
+            return self._predictions(images, indices, kinds, labels)
+        sets = [None if kind == "pred" else labels for kind in kinds]
+        explained = dict(zip(kinds, self.engine.explain_many(images, sets)))
+        masks = torch.from_numpy(batch["mask"][indices]).to(self.device) if batch["has_mask"][indices].any() else None
+        if masks is not None:
+            masks &= torch.from_numpy(batch["has_mask"][indices]).to(self.device)[:, None, None]
+        boxes = self._boxes(batch, indices) if self.with_boxes else None
+        out: dict[int, dict] = {int(i): {} for i in indices}
+        for kind, explanation in explained.items():
+            scores = score_batch(explanation.maps, explanation.empty, masks, boxes, self.settings).columns()
+            for position, columns in enumerate(_columns(explanation, scores)):
+                index = int(indices[position])
+                columns["mask_source"] = batch["mask_source"][index]
+                out[index][kind] = columns
+        return out
+
+    def _predictions(self, images, indices, kinds, labels) -> dict[int, dict]:
+        with torch.inference_mode(), self.engine.autocast():
+            probs = self.engine.model(images).float().softmax(dim=1)
+        prob, pred = probs.max(dim=1)
+        out: dict[int, dict] = {}
+        for position, index in enumerate(indices):
+            out[int(index)] = {}
+            for kind in kinds:
+                target = int(pred[position] if kind == "pred" else labels[position])
+                out[int(index)][kind] = {
+                    "status": "ok", "pred": int(pred[position]), "prob": float(prob[position]), "target": target,
+                    "target_prob": float(probs[position, target]), "correct": bool(pred[position] == labels[position]),
+                }
+        return out
+
+    def _boxes(self, batch, indices) -> torch.Tensor:
+        values = np.stack([np.asarray(batch[c][indices], dtype=np.float32) for c in BOX_COLUMNS], axis=1)
+        return torch.from_numpy(values).to(self.device)
+
+    def _maybe_die(self) -> None:
+        if not self.kill_after:
+            return
+        after, marker = self.kill_after.split(":", 1)
+        if self.batches == int(after) and not Path(marker).exists():
+            Path(marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _columns(explanation: Explanation, scores: dict[str, list]) -> list[dict]:
+    """Per image of one explained batch: the output columns computed on the device."""
+    n = explanation.logits.shape[0]
+    prob, pred = explanation.probs.max(dim=1)
+    target_prob = explanation.probs.gather(1, explanation.targets[:, None])[:, 0]
+    maps = {m: explanation.maps[m] for m in METHODS}
+    h, w = next(m for m in maps.values() if m is not None).shape[-2:]
+    flat = {m: (v.flatten(1).half().cpu().numpy() if v is not None else None) for m, v in maps.items()}
+    empty = {m: (e.cpu().numpy() if e is not None else None) for m, e in explanation.empty.items()}
+    pred_, prob_, target_, tprob_ = (t.cpu().numpy() for t in (pred, prob, explanation.targets, target_prob))
+    rows = []
+    for i in range(n):
+        notes = [f"{m}: {reason}" for m, reason in explanation.notes.items()]
+        notes += [f"{m}: empty map" for m in METHODS if empty[m] is not None and empty[m][i]]
+        row = {
+            "status": "ok",
+            "pred": int(pred_[i]),
+            "prob": float(prob_[i]),
+            "target": int(target_[i]),
+            "target_prob": float(tprob_[i]),
+            "map_h": int(h),
+            "map_w": int(w),
+            "notes": "; ".join(notes) or None,
+            **{f"map_{m}": (flat[m][i] if flat[m] is not None else None) for m in METHODS},
+            **{name: values[i] for name, values in scores.items()},
+        }
+        rows.append(row)
+    return rows
+
+
+def _base_row(batch: dict[str, np.ndarray], i: int, kind: str) -> dict:
+    row = {key: _plain(value[i]) for key, value in batch.items() if key not in PASS_THROUGH_SKIP}
+    row["target_kind"] = kind
+    if kind == "label":
+        row["target"] = int(batch["label"][i])
+    return row
+
+
+class _Rows:
+    def __init__(self, schema: pa.Schema) -> None:
+        self.schema = schema
+        self.columns: dict[str, list] = {name: [] for name in schema.names}
+
+    def add(self, row: dict) -> None:
+        if row.get("status") == "ok" and row.get("pred") is not None:
+            row["correct"] = row["pred"] == row["label"]
+        for name, values in self.columns.items():
+            values.append(row.get(name))
+
+    def table(self) -> pa.Table:
+        return to_table(self.columns, self.schema)
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    return value
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+
+
