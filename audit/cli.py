@@ -126,6 +126,20 @@ def bench_engine_command(
     click.echo(json.dumps(result.to_dict()) if as_json else format_engine_bench(result))
 
 
+@bench.command("pipeline")
+@click.option("--arch", default="resnet18", show_default=True, help="torchvision architecture (random weights)")
+@click.option("--images", default=256, show_default=True, type=click.IntRange(min=8), help="the small dataset; the large one is 4x")
+@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=32))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def bench_pipeline_command(arch: str, images: int, image_size: int, batch_size: int, as_json: bool) -> None:
+    """Throughput of the whole job vs a forward-only job, and peak memory at two dataset sizes."""
+    from audit.pipeline.bench import bench_pipeline, format_pipeline_bench
+
+    result = bench_pipeline(arch=arch, images=images, image_size=image_size, batch_size=batch_size)
+    click.echo(json.dumps(result.to_dict()) if as_json else format_pipeline_bench(result))
+
+
 DATASET_CHOICE = click.Choice(["ham10000", "imagefolder", "manifest", "synthetic"])
 
 

@@ -33,3 +33,23 @@ class TinyGapNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray instance for the whole test session (ray.init costs seconds).
+
+    Its files stay in a temporary folder, and a token in the environment keeps Ray from
+    writing ~/.ray/auth_token.
+    """
+    import os
+    import secrets
+    import tempfile
+
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, logging_level="WARNING")
+    yield
+    ray.shutdown()

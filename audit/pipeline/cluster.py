@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ def ray_cluster(address: str | None = None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    if address not in (None, "auto"):
+        check_reachable(address)
     try:
         if address is None:
             ray.init(include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
@@ -72,6 +75,18 @@ def plan_resources(actors: int | None = None) -> ResourcePlan:
     per_node = max(1, cpus // nodes)
     threads = max(1, per_node - 1) if per_node > 2 else per_node
     return ResourcePlan(actors or nodes, 0.0, 1.0 if per_node > 1 else 0.5, threads, 0.5)
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes: ray.init keeps retrying an address nobody answers on."""
+    host_port = address.removeprefix("ray://").rsplit("/", 1)[0]
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"cannot use Ray address {address!r}: expected auto, host:port or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ClusterError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from exc
 
 
 def _first_line(exc: BaseException) -> str:

@@ -6,9 +6,14 @@ Exactly once, by construction rather than by trust in the executor:
   rejected are written as error rows (stage ``manifest``) before anything runs;
 * before each pass the driver lists what is done: it deletes output files that cannot be read
   (a write cut off by a kill has no Parquet footer) and drops keys that another file already
-  holds; what is left to do goes to ``pending.parquet``, the job's file source;
-* the job streams the pending rows through Ray Data and ``write_parquet``; a killed worker is
-  restarted and its task retried by Ray Data, and a retried write task rewrites its own file;
+  holds; what is left to do is the job's input, one block per batch;
+* the job streams the pending rows through Ray Data; a killed worker is restarted and its task
+  retried by Ray Data. The driver writes each explained batch as it arrives, atomically (a
+  temporary file renamed) and named by a hash of its keys, so a batch delivered twice lands
+  once, and finished batches are on disk however the run ends. (Ray Data's ``write_parquet``
+  was the first design: its write tasks queued behind the decode tasks on small machines and
+  wrote at the end, and a local path written from worker nodes needs a shared filesystem.
+  Explanation rows are small, a few hundred bytes, so the driver is no bottleneck.);
 * the driver repeats until no key is pending (a resumed run is just another pass), then counts:
   rows must equal manifest rows x target kinds.
 """
@@ -19,7 +24,7 @@ import hashlib
 import json
 import logging
 import platform
-import threading
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -36,13 +41,12 @@ from audit.data.manifest import BOX_COLUMNS, Dataset
 from audit.errors import AuditError
 from audit.models.anatomy import inspect_model
 from audit.models.checkpoint import Checkpoint, load_checkpoint, load_model, sha256_file
-from audit.pipeline.cluster import plan_resources, ray_cluster
+from audit.pipeline.cluster import check_reachable, plan_resources, ray_cluster
 from audit.pipeline.schema import KEY, explanation_schema, to_table
 from audit.pipeline.stages import Explainer, decode_batch
 
 RUN_FILE = "run.json"
 MANIFEST_FILE = "manifest.parquet"
-PENDING_FILE = "pending.parquet"
 OUTPUT_DIR = "explanations"
 REJECTED_FILE = "rejected.parquet"
 MAX_PASSES = 3
@@ -50,6 +54,19 @@ MAX_PASSES = 3
 
 class RunError(AuditError):
     """A run that cannot start or resume."""
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How to execute, as opposed to what to compute (the RunConfig).
+
+    ``mode="forward"`` computes predictions only: the baseline of ``audit bench pipeline``.
+    ``kill_worker_after`` is the fault-injection hook of the tests (see :class:`Explainer`).
+    """
+
+    progress: bool = True
+    mode: str = "explain"
+    kill_worker_after: str | None = None
 
 
 @dataclass
@@ -62,13 +79,15 @@ class RunState:
     info: dict
 
 
-def run_audit(config: RunConfig, *, progress: bool = True, kill_worker_after: str | None = None) -> Path:
+def run_audit(config: RunConfig, execution: Execution = Execution()) -> Path:
     """Start a new run; return its directory."""
+    if config.address not in (None, "auto"):
+        check_reachable(config.address)  # before writing anything
     state = _prepare(config.resolved())
-    return _execute(state, progress, kill_worker_after)
+    return _execute(state, execution)
 
 
-def resume_audit(run_dir: Path, *, progress: bool = True, kill_worker_after: str | None = None) -> Path:
+def resume_audit(run_dir: Path, execution: Execution = Execution()) -> Path:
     """Finish an interrupted run without recomputing its finished rows."""
     run_dir = Path(run_dir).resolve()
     info = _read_info(run_dir)
@@ -79,7 +98,7 @@ def resume_audit(run_dir: Path, *, progress: bool = True, kill_worker_after: str
     manifest = pd.read_parquet(run_dir / MANIFEST_FILE)
     schema = pq.read_schema(run_dir / "schema.parquet")
     state = RunState(run_dir, config, checkpoint, schema, manifest, info)
-    return _execute(state, progress, kill_worker_after)
+    return _execute(state, execution)
 
 
 def _prepare(config: RunConfig) -> RunState:
@@ -140,7 +159,7 @@ def _prepare(config: RunConfig) -> RunState:
     return RunState(run_dir, config, checkpoint, schema, manifest, info)
 
 
-def _execute(state: RunState, progress: bool, kill_worker_after: str | None) -> Path:
+def _execute(state: RunState, execution: Execution) -> Path:
     import ray
 
     attempt = {"started": _now(), "computed_rows": 0, "passes": 0}
@@ -159,10 +178,8 @@ def _execute(state: RunState, progress: bool, kill_worker_after: str | None) -> 
                     break
                 attempt["passes"] += 1
                 attempt["computed_rows"] += int(pending["kinds"].map(len).sum())
-                pending = pending.assign(kinds=pending["kinds"].map(",".join))  # a plain string survives Arrow as is
-                pending.to_parquet(state.run_dir / PENDING_FILE, index=False, row_group_size=state.config.batch_size)
-                with _Progress(state, enabled=progress):
-                    _run_pass(state, plan, checkpoint_ref, kill_worker_after)
+                with _Progress(state, enabled=execution.progress) as reporter:
+                    _run_pass(state, pending, plan, checkpoint_ref, execution, reporter)
     except KeyboardInterrupt:
         _finish(state, attempt, began, "interrupted")
         raise
@@ -173,7 +190,7 @@ def _execute(state: RunState, progress: bool, kill_worker_after: str | None) -> 
     return state.run_dir
 
 
-def _run_pass(state: RunState, plan, checkpoint_ref, kill_worker_after: str | None) -> None:
+def _run_pass(state: RunState, pending: pd.DataFrame, plan, checkpoint_ref, execution: Execution, progress: _Progress) -> None:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -182,7 +199,9 @@ def _run_pass(state: RunState, plan, checkpoint_ref, kill_worker_after: str | No
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     config = state.config
-    dataset = ray.data.read_parquet(str(state.run_dir / PENDING_FILE), ray_remote_args={"num_cpus": plan.decode_cpus})
+    # One block per batch, all the way down: each batch reaches the driver when it is explained,
+    # not when a large block fills. (A Parquet source of small files is read as one block.)
+    dataset = ray.data.from_pandas(_batches(pending, config.batch_size))
     decoded = dataset.map_batches(
         decode_batch,
         fn_kwargs={"input_size": state.checkpoint.input_size, "masks": config.masks},
@@ -197,7 +216,8 @@ def _run_pass(state: RunState, plan, checkpoint_ref, kill_worker_after: str | No
             "config": config.to_dict(),
             "schema": state.schema,
             "threads": plan.torch_threads,
-            "kill_after": kill_worker_after,
+            "mode": execution.mode,
+            "kill_after": execution.kill_worker_after,
         },
         batch_size=config.batch_size,
         batch_format="numpy",
@@ -205,7 +225,25 @@ def _run_pass(state: RunState, plan, checkpoint_ref, kill_worker_after: str | No
         num_cpus=plan.cpus_per_actor,
         num_gpus=plan.gpus_per_actor or None,
     )
-    explained.write_parquet(str(state.run_dir / OUTPUT_DIR), schema=state.schema)
+    # Files of at most one batch: a write cut off by a kill costs one batch, found unreadable on resume.
+    for table in explained.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if table.num_rows:
+            write_batch(table, state.run_dir / OUTPUT_DIR)
+            progress.advance(table.num_rows)
+
+
+def write_batch(table: pa.Table, folder: Path) -> Path:
+    """Write one explained batch atomically, named by its keys: a batch delivered twice lands once."""
+    keys = sorted(zip(table.column("image_id").to_pylist(), table.column("target_kind").to_pylist()))
+    name = hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:20]
+    path = folder / f"part-{name}.parquet"
+    _write_atomic(table, path)
+    return path
+
+
+def _batches(pending: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
+    pending = pending.assign(kinds=pending["kinds"].map(",".join))  # a plain string survives Arrow as is
+    return [pending.iloc[start : start + batch_size] for start in range(0, len(pending), batch_size)]
 
 
 def _pending(state: RunState) -> pd.DataFrame:
@@ -263,7 +301,6 @@ def _finish(state: RunState, attempt: dict, began: float, status: str | None) ->
     state.info["status"] = status
     seconds = sum(a.get("seconds", 0) for a in state.info["attempts"])
     state.info["timings"] = {"seconds": round(seconds, 3), "rows_per_second": round(counts["rows"] / seconds, 3) if seconds else None}
-    (state.run_dir / PENDING_FILE).unlink(missing_ok=True)
     _write_info(state.run_dir, state.info)
     if status == "incomplete":
         raise RunError(f"run {state.run_dir} holds {counts['rows']} rows, expected {expected}; resume it with --resume")
@@ -376,46 +413,35 @@ def _now() -> str:
 
 
 class _Progress:
-    """Prints rows written so far every few seconds (stderr), from the output files' footers."""
+    """One line on stderr every few seconds: rows done of all, rate, time left."""
 
     def __init__(self, state: RunState, enabled: bool, every: float = 5.0) -> None:
-        self.state, self.enabled, self.every = state, enabled, every
-        self.stop = threading.Event()
-        self.counted: dict[str, int] = {}
-        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.enabled, self.every = enabled, every
         self.total = (len(state.manifest) + state.info["dataset"]["rejected"]) * len(state.config.target_kinds)
+        self.done = count_rows(state.run_dir)["rows"]
+        self.new = 0
 
     def __enter__(self) -> _Progress:
-        self.began = time.perf_counter()
-        self._count()
-        self.start = sum(self.counted.values())
-        if self.enabled:
-            self.thread.start()
+        self.began = self.last = time.perf_counter()
         return self
 
+    def advance(self, rows: int) -> None:
+        self.new += rows
+        if time.perf_counter() - self.last >= self.every:
+            self._report()
+
     def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        if self.enabled:
-            self.thread.join()
+        if exc[0] is None:
             self._report()
-
-    def _loop(self) -> None:
-        while not self.stop.wait(self.every):
-            self._report()
-
-    def _count(self) -> None:
-        for file in (self.state.run_dir / OUTPUT_DIR).glob("*.parquet"):
-            if file.name not in self.counted:
-                try:
-                    self.counted[file.name] = pq.read_metadata(file).num_rows
-                except (pa.ArrowInvalid, OSError):
-                    continue  # still being written
 
     def _report(self) -> None:
         import sys
 
-        self._count()
-        done = sum(self.counted.values())
-        rate = (done - self.start) / max(time.perf_counter() - self.began, 1e-9)
-        share = 100 * done / self.total if self.total else 100
-        print(f"progress: {done}/{self.total} rows ({share:.0f}%), {rate:.1f} rows/s", file=sys.stderr, flush=True)
+        self.last = time.perf_counter()
+        if not self.enabled:
+            return
+        done = self.done + self.new
+        rate = self.new / max(self.last - self.began, 1e-9)
+        left = f", about {(self.total - done) / rate:.0f} s left" if rate > 0 and done < self.total else ""
+        print(f"progress: {done}/{self.total} rows ({100 * done / max(self.total, 1):.0f}%), {rate:.1f} rows/s{left}",
+              file=sys.stderr, flush=True)

@@ -1,0 +1,316 @@
+"""`audit run` on a local Ray instance: rows conserved, schema, maps, resume, a killed worker.
+
+One small synthetic dataset with bad files planted in it, one random-init resnet18 at 64x64.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from audit.config import RunConfig
+from audit.data.ham10000 import CLASSES
+from audit.data.synthetic import Shortcut, SyntheticSpec, generate
+from audit.explain import ExplainEngine
+from audit.models import build_model, load_checkpoint, load_model, save_checkpoint
+from audit.pipeline.run import OUTPUT_DIR, Execution, RunError, count_rows, resume_audit, run_audit
+from audit.pipeline.schema import AGREEMENT_COLUMNS, LOCALIZATION_COLUMNS, MAP_COLUMNS
+from audit.pipeline.stages import decode_batch
+
+IMAGES = 24
+BAD = {
+    "ISIC_0000001": "empty file",
+    "ISIC_0000002": "not an image",
+    "ISIC_0000003": "truncated",
+    "ISIC_0000004": "file not found",
+    "ISIC_0000005": "aspect ratio",  # its mask
+}
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    root = generate(
+        tmp_path_factory.mktemp("pipeline") / "syn",
+        SyntheticSpec(images=IMAGES, height=48, width=64, shortcuts={"df": Shortcut("patch")}, seed=5),
+        workers=1,
+    )
+    images = root / "HAM10000_images_part_1"
+    (images / "ISIC_0000001.jpg").write_bytes(b"")
+    (images / "ISIC_0000002.jpg").write_text("plain text")
+    (images / "ISIC_0000003.jpg").write_bytes((images / "ISIC_0000003.jpg").read_bytes()[:300])
+    (images / "ISIC_0000004.jpg").unlink()
+    Image.new("L", (50, 50)).save(root / "HAM10000_segmentations_lesion_tschandl" / "ISIC_0000005_segmentation.png")
+    metadata = root / "HAM10000_metadata.csv"
+    lines = metadata.read_text().splitlines()
+    extra = [lines[7], lines[8].replace(lines[8].split(",")[2], "unknown_dx", 1)]  # a duplicate id, an unknown label
+    metadata.write_text("\n".join(lines + extra) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    save_checkpoint(path, build_model("resnet18", len(CLASSES)), arch="resnet18", classes=CLASSES,
+                    input_size=(64, 64), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    return path
+
+
+def _config(dataset_dir, checkpoint, out, **changes):
+    return RunConfig(dataset="synthetic", data_dir=str(dataset_dir), checkpoint=str(checkpoint), out=str(out),
+                     targets="both", batch_size=4, **changes)
+
+
+def _rows(run_dir) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(f) for f in sorted((run_dir / OUTPUT_DIR).glob("*.parquet"))], ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def finished(ray_session, dataset_dir, checkpoint, tmp_path_factory):
+    return run_audit(_config(dataset_dir, checkpoint, tmp_path_factory.mktemp("runs")), Execution(progress=False))
+
+
+def test_every_row_ends_once_ok_or_error(finished):
+    rows = _rows(finished)
+    assert len(rows) == (IMAGES + 2) * 2  # 24 images + a duplicate + an unknown label, two targets each
+    explained = rows[rows["error_stage"].fillna("") != "manifest"]
+    assert not explained.duplicated(["image_id", "target_kind"]).any()
+    assert set(rows["status"]) == {"ok", "error"}
+    assert rows.loc[rows["status"] == "ok", "error"].isna().all()
+    assert rows.loc[rows["status"] == "error", "error"].notna().all()
+
+
+def test_bad_inputs_become_error_rows_with_stage_and_reason(finished):
+    rows = _rows(finished)
+    errors = rows[rows["status"] == "error"]
+    for image_id, reason in BAD.items():
+        found = errors[errors["image_id"] == image_id]
+        assert len(found) == 2, image_id
+        assert found["error"].str.contains(reason).all(), (image_id, found["error"].tolist())
+        assert set(found["error_stage"]) == {"mask" if reason == "aspect ratio" else "decode"}
+    manifest_errors = errors[errors["error_stage"] == "manifest"]
+    assert len(manifest_errors) == 4
+    assert manifest_errors["error"].str.contains("duplicate image_id|is not one of the classes").all()
+    assert len(rows[rows["status"] == "ok"]) == (IMAGES - len(BAD)) * 2
+
+
+def test_schema_and_maps(finished):
+    rows = _rows(finished)
+    ok = rows[rows["status"] == "ok"]
+    schema = pq.read_schema(next(f for f in (finished / OUTPUT_DIR).glob("*.parquet")))
+    assert str(schema.field("map_gradcampp").type) == "list<element: halffloat>"
+    for column in (*MAP_COLUMNS, *AGREEMENT_COLUMNS, *LOCALIZATION_COLUMNS, "target_kind", "pred", "prob",
+                   "target_prob", "correct", "mask_source", "label_name", "group", "dx_type", "age", "path"):
+        assert column in rows.columns, column
+    assert (ok["map_h"] == 2).all() and (ok["map_w"] == 2).all()
+    assert ok["map_gradcam"].map(len).eq(4).all()
+    assert ok["map_gradcam"].map(lambda m: 0 <= m.min() and m.max() <= 1).all()
+    assert (ok["mask_source"] == "provided").all()
+    label_rows = ok[ok["target_kind"] == "label"]
+    assert (label_rows["target"] == label_rows["label"]).all()
+    pred_rows = ok[ok["target_kind"] == "pred"]
+    assert (pred_rows["target"] == pred_rows["pred"]).all()
+    assert (pred_rows["correct"] == (pred_rows["pred"] == pred_rows["label"])).all()
+
+
+def test_maps_equal_the_engines_own_output(finished, checkpoint):
+    rows = _rows(finished)
+    ok = rows[(rows["status"] == "ok") & (rows["target_kind"] == "label")].head(6)
+    batch = {"image_id": ok["image_id"].to_numpy(), "path": ok["path"].to_numpy(), "mask_path": ok["mask_path"].to_numpy()}
+    pixels = torch.from_numpy(decode_batch(batch, (64, 64), "none")["image"]).permute(0, 3, 1, 2).float() / 255
+    images = (pixels - 0.5) / 0.25
+    engine = ExplainEngine(load_model(load_checkpoint(checkpoint)), (64, 64))
+    result = engine(images, torch.tensor(ok["label"].to_numpy()))
+    for name in ("cam", "gradcam", "gradcampp"):
+        stored = np.stack(ok[f"map_{name}"].to_numpy()).astype(np.float32)
+        assert np.allclose(stored, result.maps[name].flatten(1).numpy(), atol=1e-3), name
+
+
+def test_run_json(finished):
+    info = json.loads((finished / "run.json").read_text())
+    assert info["status"] == "complete"
+    assert info["counts"]["rows"] == info["counts"]["expected_rows"] == 52
+    assert info["counts"]["errors_by_stage"] == {"decode": 8, "manifest": 4, "mask": 2}
+    assert info["model"]["target_layer"] == "layer4" and info["model"]["gradcam_proportional_to_cam"] is True
+    assert len(info["model"]["sha256"]) == 64 and len(info["dataset"]["fingerprint"]) == 64
+    assert info["versions"]["torch"] and info["versions"]["ray"]
+    assert info["attempts"][0]["computed_rows"] == 48 and info["timings"]["seconds"] > 0
+
+
+def test_resume_recomputes_only_what_is_missing(finished, tmp_path):
+    run_dir = tmp_path / finished.name
+    shutil.copytree(finished, run_dir)
+    files = sorted(f for f in (run_dir / OUTPUT_DIR).glob("*.parquet") if f.name != "rejected.parquet")
+    lost = pq.read_metadata(files[0]).num_rows + pq.read_metadata(files[1]).num_rows
+    files[0].unlink()  # never written
+    files[1].write_bytes(files[1].read_bytes()[:100])  # cut off mid-write: no footer
+    shutil.copy(files[2], run_dir / OUTPUT_DIR / "copy-of-a-finished-file.parquet")  # a duplicate
+    resume_audit(run_dir, Execution(progress=False))
+    rows = _rows(run_dir)
+    assert len(rows) == 52
+    assert not rows[rows["error_stage"].fillna("") != "manifest"].duplicated(["image_id", "target_kind"]).any()
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "complete" and info["attempts"][-1]["computed_rows"] == lost
+
+
+def test_resuming_a_complete_run_computes_nothing(finished, tmp_path):
+    run_dir = tmp_path / finished.name
+    shutil.copytree(finished, run_dir)
+    resume_audit(run_dir, Execution(progress=False))
+    assert json.loads((run_dir / "run.json").read_text())["attempts"][-1]["computed_rows"] == 0
+
+
+def test_a_killed_worker_is_retried_and_every_row_lands_once(ray_session, dataset_dir, checkpoint, tmp_path):
+    marker = tmp_path / "killed"
+    run_dir = run_audit(_config(dataset_dir, checkpoint, tmp_path / "runs"), Execution(progress=False, kill_worker_after=f"2:{marker}"))
+    assert marker.exists()  # the worker really died (SIGKILL) in its second batch
+    rows = _rows(run_dir)
+    assert len(rows) == 52 and count_rows(run_dir)["rows"] == 52
+    assert not rows[rows["error_stage"].fillna("") != "manifest"].duplicated(["image_id", "target_kind"]).any()
+
+
+def test_limit_and_pred_only(ray_session, dataset_dir, checkpoint, tmp_path):
+    config = RunConfig(dataset="synthetic", data_dir=str(dataset_dir), checkpoint=str(checkpoint),
+                       out=str(tmp_path), targets="pred", batch_size=8, limit=10, masks="estimate")
+    rows = _rows(run_audit(config, Execution(progress=False)))
+    assert len(rows) == 10 and set(rows["target_kind"]) == {"pred"}
+    assert set(rows.loc[rows["status"] == "ok", "mask_source"]) == {"estimated"}
+
+
+def test_resume_refuses_a_changed_checkpoint(finished, tmp_path, checkpoint):
+    run_dir = tmp_path / finished.name
+    shutil.copytree(finished, run_dir)
+    info = json.loads((run_dir / "run.json").read_text())
+    info["model"]["sha256"] = "0" * 64
+    (run_dir / "run.json").write_text(json.dumps(info))
+    with pytest.raises(RunError, match="changed since run"):
+        resume_audit(run_dir, Execution(progress=False))
+
+
+def test_cli_reports_an_unreachable_cluster_and_missing_options(dataset_dir, checkpoint, tmp_path):
+    base = [sys.executable, "-m", "audit.cli", "run"]
+    unreachable = subprocess.run(
+        [*base, "--dataset", "synthetic", "--data-dir", str(dataset_dir), "--checkpoint", str(checkpoint),
+         "--out", str(tmp_path), "--address", "127.0.0.1:1"], capture_output=True, text=True, timeout=120,
+    )
+    assert unreachable.returncode == 2 and "cannot reach the Ray cluster at 127.0.0.1:1" in unreachable.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
+    missing = subprocess.run([*base, "--dataset", "synthetic"], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "needs --dataset and --checkpoint" in missing.stderr
+
+
+@pytest.fixture(scope="module")
+def slow_checkpoint(tmp_path_factory):
+    """resnet50 at 128x128: slow enough on a CPU that a run can be interrupted half-way."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("slow") / "model.pt"
+    save_checkpoint(path, build_model("resnet50", len(CLASSES)), arch="resnet50", classes=CLASSES,
+                    input_size=(128, 128), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    return path
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGKILL"])
+def test_interrupted_driver_resumes_without_recomputing(dataset_dir, slow_checkpoint, tmp_path, signal_name):
+    """Ctrl-C (or a killed driver) half-way; `audit run --resume` finishes the rest, once each."""
+    import os
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "audit.cli", "run", "--dataset", "synthetic", "--data-dir", str(dataset_dir),
+               "--checkpoint", str(slow_checkpoint), "--out", str(tmp_path), "--batch-size", "2"]
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    deadline = time.monotonic() + 240
+    written = []
+    while time.monotonic() < deadline and driver.poll() is None:
+        written = [f for f in tmp_path.glob(f"*/{OUTPUT_DIR}/*.parquet") if f.name != "rejected.parquet"]
+        if len(written) >= 2:
+            break
+        time.sleep(0.2)
+    assert driver.poll() is None, f"the run ended before it could be interrupted: {driver.communicate()}"
+    if signal_name == "SIGINT":
+        driver.send_signal(signal.SIGINT)
+    else:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and every process it started
+    _, stderr = driver.communicate(timeout=120)
+    run_dir = next(tmp_path.iterdir())
+    info = json.loads((run_dir / "run.json").read_text())
+    if signal_name == "SIGINT":
+        assert driver.returncode == 130 and "--resume" in stderr
+        assert info["status"] == "interrupted"
+    else:
+        assert info["status"] == "running"  # nobody could record the end
+    before = count_rows(run_dir)["rows"]
+    assert 0 < before < 26  # one target: 24 images + 2 rejected rows
+
+    resumed = subprocess.run([sys.executable, "-m", "audit.cli", "run", "--resume", str(run_dir)],
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.strip().splitlines()[-1] == str(run_dir)
+    rows = _rows(run_dir)
+    assert len(rows) == 26
+    assert not rows[rows["error_stage"].fillna("") != "manifest"].duplicated(["image_id", "target_kind"]).any()
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "complete"
+    assert info["attempts"][-1]["computed_rows"] <= 26 - before  # finished rows were not recomputed
+
+
+def test_a_model_failure_is_isolated_to_its_image(ray_session, dataset_dir, checkpoint, finished):
+    """One image that breaks the model becomes a `model` error row; its batch-mates are explained."""
+    import ray
+
+    from audit.pipeline.stages import Explainer
+
+    schema = pq.read_schema(finished / "schema.parquet")
+    config = json.loads((finished / "run.json").read_text())["config"]
+    explainer = Explainer([ray.put(checkpoint.read_bytes())], config, schema)
+    manifest = pd.read_parquet(finished / "manifest.parquet").iloc[10:14]
+    batch = {c: manifest[c].to_numpy() for c in manifest.columns}
+    batch["kinds"] = np.array(["pred,label"] * 4, dtype=object)
+    batch = decode_batch(batch, (64, 64), "auto")
+    batch["image"][2] = 0
+    real = explainer.engine.explain_many
+
+    def fragile(images, sets):
+        if (images.flatten(1).std(dim=1) == 0).any():
+            raise RuntimeError("cannot explain a blank image\nsecond line")
+        return real(images, sets)
+
+    explainer.engine.explain_many = fragile
+    rows = explainer(batch).to_pandas()
+    assert len(rows) == 8
+    failed = rows[rows["status"] == "error"]
+    assert set(failed["image_id"]) == {manifest["image_id"].iloc[2]}
+    assert (failed["error_stage"] == "model").all()
+    assert (failed["error"] == "RuntimeError: cannot explain a blank image").all()
+    assert (rows[rows["status"] == "ok"]["map_gradcam"].map(len) == 4).all()
+
+
+def test_resource_plan_leaves_cpu_for_decoding(ray_session):
+    from audit.pipeline.cluster import plan_resources
+
+    plan = plan_resources()
+    assert plan.actors == 1 and plan.gpus_per_actor == 0
+    assert plan.cpus_per_actor + plan.decode_cpus <= 2 and plan.torch_threads >= 1
+    assert plan_resources(actors=3).actors == 3
+
+
+def test_bench_pipeline_reports_throughput_and_memory(ray_session, tmp_path):
+    from audit.pipeline.bench import bench_pipeline
+
+    result = bench_pipeline(images=8, image_size=32, batch_size=8, workdir=tmp_path)
+    assert result.images == result.large_images == 32
+    assert result.explain_images_per_s > 0 and result.forward_images_per_s > 0
+    assert result.ratio_vs_forward == pytest.approx(result.explain_images_per_s / result.forward_images_per_s, rel=0.01)
+    assert result.peak_rss_mb_small > 0 and result.memory_growth > 0
+    assert not list(tmp_path.iterdir())  # its datasets and runs are cleaned up
