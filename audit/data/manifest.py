@@ -149,7 +149,7 @@ class ManifestBuilder:
 
 
 def _columns(rows: Iterable[dict]) -> list[str]:
-    columns = list(CORE_COLUMNS)
+    columns = [*CORE_COLUMNS, "source_row"]
     for row in rows:
         columns += [key for key in row if key not in columns]
     return columns
