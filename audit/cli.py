@@ -36,18 +36,53 @@ def main() -> None:
 @click.option("--dataset", "name", type=click.Choice(["ham10000", "imagefolder", "manifest", "synthetic"]))
 @click.option("--data-dir", type=click.Path(path_type=Path), help="dataset folder (for manifest: the CSV/Parquet file)")
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="cam-audit/1 checkpoint (.pt)")
-@click.option("--out", default="reports", show_default=True, type=click.Path(path_type=Path), help="runs are written to OUT/<run_id>/")
-@click.option("--targets", type=click.Choice(["pred", "label", "both"]), default="pred", show_default=True, help="classes to explain")
+@click.option(
+    "--out",
+    default="reports",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="runs are written to OUT/<run_id>/",
+)
+@click.option(
+    "--targets",
+    type=click.Choice(["pred", "label", "both"]),
+    default="pred",
+    show_default=True,
+    help="classes to explain",
+)
 @click.option("--address", default=None, help="join a Ray cluster (auto, ray://host:10001); default: start a local one")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="only the first N images, for a quick look")
-@click.option("--masks", type=click.Choice(["auto", "provided", "estimate", "none"]), default="auto", show_default=True,
-              help="auto: a row's own mask, else an estimated lesion mask")
+@click.option(
+    "--masks",
+    type=click.Choice(["auto", "provided", "estimate", "none"]),
+    default="auto",
+    show_default=True,
+    help="auto: a row's own mask, else an estimated lesion mask",
+)
 @click.option("--target-layer", default=None, help="module to explain (default: found automatically)")
 @click.option("--classifier", default=None, help="linear layer CAM reads (default: found automatically)")
-@click.option("--actors", default=None, type=click.IntRange(min=1), help="explain actors (default: one per GPU, else per node)")
-@click.option("--resume", "resume_dir", type=click.Path(path_type=Path, file_okay=False), help="finish an interrupted run")
-def run_command(name, data_dir, checkpoint, out, targets, address, batch_size, limit, masks, target_layer, classifier, actors, resume_dir) -> None:
+@click.option(
+    "--actors", default=None, type=click.IntRange(min=1), help="explain actors (default: one per GPU, else per node)"
+)
+@click.option(
+    "--resume", "resume_dir", type=click.Path(path_type=Path, file_okay=False), help="finish an interrupted run"
+)
+def run_command(
+    name,
+    data_dir,
+    checkpoint,
+    out,
+    targets,
+    address,
+    batch_size,
+    limit,
+    masks,
+    target_layer,
+    classifier,
+    actors,
+    resume_dir,
+) -> None:
     """Explain every image of a dataset with CAM, Grad-CAM and Grad-CAM++ on a Ray cluster.
 
     Writes OUT/<run_id>/ with run.json, manifest.parquet and explanations/ (one row per image
@@ -64,9 +99,18 @@ def run_command(name, data_dir, checkpoint, out, targets, address, batch_size, l
             if name is None or checkpoint is None:
                 raise AuditError("audit run needs --dataset and --checkpoint (or --resume RUN_DIR)")
             config = RunConfig(
-                dataset=name, checkpoint=str(checkpoint), data_dir=str(data_dir) if data_dir else None, out=str(out),
-                targets=targets, address=address, batch_size=batch_size, limit=limit, masks=masks,
-                target_layer=target_layer, classifier=classifier, actors=actors,
+                dataset=name,
+                checkpoint=str(checkpoint),
+                data_dir=str(data_dir) if data_dir else None,
+                out=str(out),
+                targets=targets,
+                address=address,
+                batch_size=batch_size,
+                limit=limit,
+                masks=masks,
+                target_layer=target_layer,
+                classifier=classifier,
+                actors=actors,
             )
             run_dir = run_audit(config)
     except KeyboardInterrupt:
@@ -128,7 +172,13 @@ def bench_engine_command(
 
 @bench.command("pipeline")
 @click.option("--arch", default="resnet18", show_default=True, help="torchvision architecture (random weights)")
-@click.option("--images", default=256, show_default=True, type=click.IntRange(min=8), help="the small dataset; the large one is 4x")
+@click.option(
+    "--images",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=8),
+    help="the small dataset; the large one is 4x",
+)
 @click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=32))
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
@@ -153,9 +203,16 @@ def data() -> None:
 @click.option("--data-dir", type=click.Path(path_type=Path), help="dataset folder (for manifest: the CSV/Parquet file)")
 @click.option("--mask-dir", type=click.Path(path_type=Path), help="imagefolder only: parallel tree of masks")
 @click.option("--deep", is_flag=True, help="decode every image fully (finds truncated files; slower)")
-@click.option("--estimate-masks", default=0, type=click.IntRange(min=0), help="score estimated masks against provided ones on N images")
+@click.option(
+    "--estimate-masks",
+    default=0,
+    type=click.IntRange(min=0),
+    help="score estimated masks against provided ones on N images",
+)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def data_check(name: str, data_dir: Path | None, mask_dir: Path | None, deep: bool, estimate_masks: int, as_json: bool) -> None:
+def data_check(
+    name: str, data_dir: Path | None, mask_dir: Path | None, deep: bool, estimate_masks: int, as_json: bool
+) -> None:
     """Validate a dataset before a long job: counts, missing and unreadable files, masks, lesions.
 
     Exits 2 when the dataset cannot be used (nothing readable, no metadata, no rows).
@@ -200,7 +257,9 @@ def fetch() -> None:
 
 
 @fetch.command("ham10000")
-@click.option("--dest", type=click.Path(path_type=Path), help="default: $AUDIT_DATA_DIR/ham10000 or ~/.cache/cam-audit/ham10000")
+@click.option(
+    "--dest", type=click.Path(path_type=Path), help="default: $AUDIT_DATA_DIR/ham10000 or ~/.cache/cam-audit/ham10000"
+)
 @click.option("--base-url", default=None, hidden=True, help="Dataverse server (tests point this at a local server)")
 def fetch_ham10000_command(dest: Path | None, base_url: str | None) -> None:
     """Download HAM10000 (images, metadata, lesion masks) from Harvard Dataverse, DOI 10.7910/DVN/DBW86T.

@@ -73,6 +73,7 @@ class RunConfig:
 
     def resolved(self) -> RunConfig:
         """Paths made absolute, so a run can be resumed from another working directory."""
+
         def absolute(value: str | None) -> str | None:
             return str(Path(value).expanduser().resolve()) if value else value
 

@@ -16,7 +16,9 @@ def _invoke(*args):
 
 
 def _synth(tmp_path, images=30):
-    result = _invoke("data", "synth", "--out", str(tmp_path / "syn"), "--images", str(images), "--shortcut", "df=patch:1:0:only")
+    result = _invoke(
+        "data", "synth", "--out", str(tmp_path / "syn"), "--images", str(images), "--shortcut", "df=patch:1:0:only"
+    )
     assert result.exit_code == 0, result.output
     return tmp_path / "syn"
 
@@ -25,7 +27,11 @@ def test_synth_then_check_text_and_json(tmp_path):
     root = _synth(tmp_path)
     text = _invoke("data", "check", "--dataset", "synthetic", "--data-dir", str(root))
     assert text.exit_code == 0 and "verdict: usable" in text.output and "30 readable" in text.output
-    report = json.loads(_invoke("data", "check", "--dataset", "synthetic", "--data-dir", str(root), "--json", "--estimate-masks", "5").output)
+    report = json.loads(
+        _invoke(
+            "data", "check", "--dataset", "synthetic", "--data-dir", str(root), "--json", "--estimate-masks", "5"
+        ).output
+    )
     assert report["usable"] and report["rows"] == report["readable"] == report["masks_found"] == 30
     assert sum(c["images"] for c in report["classes"]) == 30
     assert report["mask_estimation"]["images"] == 5 and report["mask_estimation"]["mean_iou"] > 0.5
@@ -38,17 +44,25 @@ def test_check_counts_every_kind_of_bad_file(tmp_path):
     images[1].write_text("not a jpeg")  # text named .jpg
     images[2].write_bytes(images[2].read_bytes()[:200])  # truncated
     images[3].unlink()  # missing
-    Image.new("L", (99, 99)).save(root / "HAM10000_segmentations_lesion_tschandl" / f"{images[4].stem}_segmentation.png")
+    Image.new("L", (99, 99)).save(
+        root / "HAM10000_segmentations_lesion_tschandl" / f"{images[4].stem}_segmentation.png"
+    )
     metadata = root / "HAM10000_metadata.csv"
     lines = metadata.read_text().splitlines()
-    metadata.write_text("\n".join([*lines, lines[1], lines[1].replace(",bcc,", ",xyz,").replace(",akiec,", ",xyz,")]) + "\n")
-    report = json.loads(_invoke("data", "check", "--dataset", "synthetic", "--data-dir", str(root), "--json", "--deep").output)
+    metadata.write_text(
+        "\n".join([*lines, lines[1], lines[1].replace(",bcc,", ",xyz,").replace(",akiec,", ",xyz,")]) + "\n"
+    )
+    report = json.loads(
+        _invoke("data", "check", "--dataset", "synthetic", "--data-dir", str(root), "--json", "--deep").output
+    )
     assert report["rows"] == 12 and report["readable"] == 8
     assert report["missing"] == 1 and report["unreadable"] == 3
     assert report["masks_unreadable"] == 1
     assert report["rejected"] == 2 and set(report["rejected_reasons"]) >= {"duplicate image_id"}
     reasons = " ".join(p["reason"] for p in report["problems"])
-    assert "empty file" in reasons and "not an image" in reasons and "truncated" in reasons and "aspect ratio" in reasons
+    assert (
+        "empty file" in reasons and "not an image" in reasons and "truncated" in reasons and "aspect ratio" in reasons
+    )
 
 
 def test_unusable_dataset_exits_2(tmp_path):

@@ -20,7 +20,11 @@ from PIL import Image
 from audit.data import load_dataset
 from audit.data.fetch import FetchError, default_data_dir, download, extract, fetch_ham10000
 
-METADATA = "lesion_id,image_id,dx,dx_type,age,sex,localization\nHAM_1,ISIC_1,mel,histo,50.0,male,back\nHAM_2,ISIC_2,nv,histo,40.0,female,face\n"
+METADATA = (
+    "lesion_id,image_id,dx,dx_type,age,sex,localization\n"
+    "HAM_1,ISIC_1,mel,histo,50.0,male,back\n"
+    "HAM_2,ISIC_2,nv,histo,40.0,female,face\n"
+)
 
 
 def _jpeg() -> bytes:
@@ -46,7 +50,10 @@ def _png() -> bytes:
 FILES = {
     1: ("HAM10000_images_part1.zip", _zip({"ISIC_1.jpg": _jpeg()})),
     2: ("HAM10000_images_part2.zip", _zip({"ISIC_2.jpg": _jpeg()})),
-    3: ("HAM10000_segmentations_lesion_tschandl.zip", _zip({"HAM10000_segmentations_lesion_tschandl/ISIC_1_segmentation.png": _png()})),
+    3: (
+        "HAM10000_segmentations_lesion_tschandl.zip",
+        _zip({"HAM10000_segmentations_lesion_tschandl/ISIC_1_segmentation.png": _png()}),
+    ),
     4: ("HAM10000_metadata.tab", METADATA.encode()),
 }
 
@@ -106,7 +113,13 @@ class Release(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    Release.cut_once, Release.ignore_range, Release.bad_md5, Release.requests, Release.ranges = set(), False, set(), [], []
+    Release.cut_once, Release.ignore_range, Release.bad_md5, Release.requests, Release.ranges = (
+        set(),
+        False,
+        set(),
+        [],
+        [],
+    )
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Release)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -119,7 +132,9 @@ def test_fetch_downloads_verifies_extracts_and_loads(tmp_path, server):
     dest = fetch_ham10000(tmp_path / "ham", base_url=server)
     assert (dest / "HAM10000_metadata.csv").read_text() == METADATA
     assert (dest / "HAM10000_images_part1" / "ISIC_1.jpg").is_file()
-    assert (dest / "HAM10000_segmentations_lesion_tschandl" / "ISIC_1_segmentation.png").is_file()  # top folder flattened
+    assert (
+        dest / "HAM10000_segmentations_lesion_tschandl" / "ISIC_1_segmentation.png"
+    ).is_file()  # top folder flattened
     assert not list(dest.glob("*.part"))
     manifest = load_dataset("ham10000", dest).manifest
     assert manifest["image_id"].tolist() == ["ISIC_1", "ISIC_2"]
@@ -137,7 +152,9 @@ def test_second_run_downloads_nothing(tmp_path, server):
 def test_truncated_transfer_is_resumed_with_range(tmp_path, server):
     Release.cut_once = {1, 4}
     progress = []
-    fetch_ham10000(tmp_path / "ham", base_url=server, progress=lambda name, done, total: progress.append((name, done, total)))
+    fetch_ham10000(
+        tmp_path / "ham", base_url=server, progress=lambda name, done, total: progress.append((name, done, total))
+    )
     assert (tmp_path / "ham" / "HAM10000_images_part1.zip").read_bytes() == FILES[1][1]
     assert Release.ranges == [f"bytes={len(FILES[1][1]) // 2}-", f"bytes={len(FILES[4][1]) // 2}-"]
     assert progress[-1][1] == progress[-1][2]

@@ -159,7 +159,10 @@ def test_manifest_file_with_names_masks_boxes_and_metadata(tmp_path, fmt):
             "label_name": ["mel", "nv", "mel"],
             "mask_path": ["img/a_mask.png", None, None],
             "group": ["p1", "p1", "p2"],
-            "box_x0": [0.1, None, 0.2], "box_y0": [0.1, None, 0.2], "box_x1": [0.5, None, 0.9], "box_y1": [0.6, None, 0.9],
+            "box_x0": [0.1, None, 0.2],
+            "box_y0": [0.1, None, 0.2],
+            "box_x1": [0.5, None, 0.9],
+            "box_y1": [0.6, None, 0.9],
             "site": ["back", "arm", "leg"],
         }
     )

@@ -86,7 +86,10 @@ def test_classes_are_told_apart_by_lesion_colour(planted):
         image = np.asarray(Image.open(row.path)).astype(float)
         mask = np.asarray(Image.open(row.mask_path)) > 0
         colour = np.median(image[mask], axis=0)
-        hits.append(min(("bcc", "mel", "vasc", "nv"), key=lambda n: np.linalg.norm(colour - APPEARANCE[n].colour)) == row.label_name)
+        hits.append(
+            min(("bcc", "mel", "vasc", "nv"), key=lambda n: np.linalg.norm(colour - APPEARANCE[n].colour))
+            == row.label_name
+        )
     assert np.mean(hits) > 0.8
 
 

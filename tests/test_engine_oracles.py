@@ -118,6 +118,11 @@ def test_densenet_default_layer_matches_the_float64_reference():
     activations, grads = oracles.activations_and_gradients(model, "features", images, result.targets.tolist())
     assert _max_diff(result.maps["gradcam"], oracles.gradcam_reference(activations, grads)) < TOL
     assert _max_diff(result.maps["gradcampp"], oracles.gradcampp_eq19(activations, grads)) < TOL
-    cam = oracles.relu_minmax(np.einsum("nk,nkhw->nhw", engine.anatomy.cam_head.weight.double().numpy()[
-        result.targets.numpy()], np.maximum(activations, 0)))
+    cam = oracles.relu_minmax(
+        np.einsum(
+            "nk,nkhw->nhw",
+            engine.anatomy.cam_head.weight.double().numpy()[result.targets.numpy()],
+            np.maximum(activations, 0),
+        )
+    )
     assert _max_diff(result.maps["cam"], cam) < TOL

@@ -68,8 +68,10 @@ def test_agreement_with_an_empty_map_is_null():
 
 
 def test_without_cam_only_the_gradient_pair_is_scored():
-    scores = score_batch({"cam": None, "gradcam": torch.rand(2, 7, 7), "gradcampp": torch.rand(2, 7, 7)},
-                         {"cam": None, **{m: torch.zeros(2, dtype=torch.bool) for m in ("gradcam", "gradcampp")}})
+    scores = score_batch(
+        {"cam": None, "gradcam": torch.rand(2, 7, 7), "gradcampp": torch.rand(2, 7, 7)},
+        {"cam": None, **{m: torch.zeros(2, dtype=torch.bool) for m in ("gradcam", "gradcampp")}},
+    )
     assert set(scores.columns()) == {"agree_spearman_gradcam_gradcampp", "agree_topk_iou_gradcam_gradcampp"}
 
 

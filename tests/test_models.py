@@ -150,7 +150,9 @@ def test_classifier_override_must_be_linear():
     assert inspect_model(random_model("resnet18"), (64, 64), classifier="fc").cam_head.name == "fc"
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [({"target_layer": "layer9"}, "no module"), ({"target_layer": "fc"}, "4-D")])
+@pytest.mark.parametrize(
+    ("kwargs", "message"), [({"target_layer": "layer9"}, "no module"), ({"target_layer": "fc"}, "4-D")]
+)
 def test_bad_overrides(kwargs, message):
     with pytest.raises(ModelAnatomyError, match=message):
         inspect_model(random_model("resnet18"), (64, 64), **kwargs)

@@ -21,7 +21,8 @@ from audit.config import RunConfig
 from audit.data.ham10000 import CLASSES
 from audit.data.synthetic import Shortcut, SyntheticSpec, generate
 from audit.explain import ExplainEngine
-from audit.models import build_model, load_checkpoint, load_model, save_checkpoint
+from audit.models import load_checkpoint, load_model
+from audit.models.checkpoint import save_random_checkpoint
 from audit.pipeline.run import OUTPUT_DIR, Execution, RunError, count_rows, resume_audit, run_audit
 from audit.pipeline.schema import AGREEMENT_COLUMNS, LOCALIZATION_COLUMNS, MAP_COLUMNS
 from audit.pipeline.stages import decode_batch
@@ -58,16 +59,21 @@ def dataset_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "model.pt"
-    save_checkpoint(path, build_model("resnet18", len(CLASSES)), arch="resnet18", classes=CLASSES,
-                    input_size=(64, 64), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    save_random_checkpoint(path, "resnet18", CLASSES, (64, 64))
     return path
 
 
 def _config(dataset_dir, checkpoint, out, **changes):
-    return RunConfig(dataset="synthetic", data_dir=str(dataset_dir), checkpoint=str(checkpoint), out=str(out),
-                     targets="both", batch_size=4, **changes)
+    return RunConfig(
+        dataset="synthetic",
+        data_dir=str(dataset_dir),
+        checkpoint=str(checkpoint),
+        out=str(out),
+        targets="both",
+        batch_size=4,
+        **changes,
+    )
 
 
 def _rows(run_dir) -> pd.DataFrame:
@@ -108,8 +114,22 @@ def test_schema_and_maps(finished):
     ok = rows[rows["status"] == "ok"]
     schema = pq.read_schema(next(f for f in (finished / OUTPUT_DIR).glob("*.parquet")))
     assert str(schema.field("map_gradcampp").type) == "list<element: halffloat>"
-    for column in (*MAP_COLUMNS, *AGREEMENT_COLUMNS, *LOCALIZATION_COLUMNS, "target_kind", "pred", "prob",
-                   "target_prob", "correct", "mask_source", "label_name", "group", "dx_type", "age", "path"):
+    for column in (
+        *MAP_COLUMNS,
+        *AGREEMENT_COLUMNS,
+        *LOCALIZATION_COLUMNS,
+        "target_kind",
+        "pred",
+        "prob",
+        "target_prob",
+        "correct",
+        "mask_source",
+        "label_name",
+        "group",
+        "dx_type",
+        "age",
+        "path",
+    ):
         assert column in rows.columns, column
     assert (ok["map_h"] == 2).all() and (ok["map_w"] == 2).all()
     assert ok["map_gradcam"].map(len).eq(4).all()
@@ -125,7 +145,11 @@ def test_schema_and_maps(finished):
 def test_maps_equal_the_engines_own_output(finished, checkpoint):
     rows = _rows(finished)
     ok = rows[(rows["status"] == "ok") & (rows["target_kind"] == "label")].head(6)
-    batch = {"image_id": ok["image_id"].to_numpy(), "path": ok["path"].to_numpy(), "mask_path": ok["mask_path"].to_numpy()}
+    batch = {
+        "image_id": ok["image_id"].to_numpy(),
+        "path": ok["path"].to_numpy(),
+        "mask_path": ok["mask_path"].to_numpy(),
+    }
     pixels = torch.from_numpy(decode_batch(batch, (64, 64), "none")["image"]).permute(0, 3, 1, 2).float() / 255
     images = (pixels - 0.5) / 0.25
     engine = ExplainEngine(load_model(load_checkpoint(checkpoint)), (64, 64))
@@ -171,7 +195,9 @@ def test_resuming_a_complete_run_computes_nothing(finished, tmp_path):
 
 def test_a_killed_worker_is_retried_and_every_row_lands_once(ray_session, dataset_dir, checkpoint, tmp_path):
     marker = tmp_path / "killed"
-    run_dir = run_audit(_config(dataset_dir, checkpoint, tmp_path / "runs"), Execution(progress=False, kill_worker_after=f"2:{marker}"))
+    run_dir = run_audit(
+        _config(dataset_dir, checkpoint, tmp_path / "runs"), Execution(progress=False, kill_worker_after=f"2:{marker}")
+    )
     assert marker.exists()  # the worker really died (SIGKILL) in its second batch
     rows = _rows(run_dir)
     assert len(rows) == 52 and count_rows(run_dir)["rows"] == 52
@@ -179,8 +205,16 @@ def test_a_killed_worker_is_retried_and_every_row_lands_once(ray_session, datase
 
 
 def test_limit_and_pred_only(ray_session, dataset_dir, checkpoint, tmp_path):
-    config = RunConfig(dataset="synthetic", data_dir=str(dataset_dir), checkpoint=str(checkpoint),
-                       out=str(tmp_path), targets="pred", batch_size=8, limit=10, masks="estimate")
+    config = RunConfig(
+        dataset="synthetic",
+        data_dir=str(dataset_dir),
+        checkpoint=str(checkpoint),
+        out=str(tmp_path),
+        targets="pred",
+        batch_size=8,
+        limit=10,
+        masks="estimate",
+    )
     rows = _rows(run_audit(config, Execution(progress=False)))
     assert len(rows) == 10 and set(rows["target_kind"]) == {"pred"}
     assert set(rows.loc[rows["status"] == "ok", "mask_source"]) == {"estimated"}
@@ -199,8 +233,22 @@ def test_resume_refuses_a_changed_checkpoint(finished, tmp_path, checkpoint):
 def test_cli_reports_an_unreachable_cluster_and_missing_options(dataset_dir, checkpoint, tmp_path):
     base = [sys.executable, "-m", "audit.cli", "run"]
     unreachable = subprocess.run(
-        [*base, "--dataset", "synthetic", "--data-dir", str(dataset_dir), "--checkpoint", str(checkpoint),
-         "--out", str(tmp_path), "--address", "127.0.0.1:1"], capture_output=True, text=True, timeout=120,
+        [
+            *base,
+            "--dataset",
+            "synthetic",
+            "--data-dir",
+            str(dataset_dir),
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(tmp_path),
+            "--address",
+            "127.0.0.1:1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert unreachable.returncode == 2 and "cannot reach the Ray cluster at 127.0.0.1:1" in unreachable.stderr
     assert not list(tmp_path.iterdir())  # nothing written
@@ -211,10 +259,8 @@ def test_cli_reports_an_unreachable_cluster_and_missing_options(dataset_dir, che
 @pytest.fixture(scope="module")
 def slow_checkpoint(tmp_path_factory):
     """resnet50 at 128x128: slow enough on a CPU that a run can be interrupted half-way."""
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("slow") / "model.pt"
-    save_checkpoint(path, build_model("resnet50", len(CLASSES)), arch="resnet50", classes=CLASSES,
-                    input_size=(128, 128), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    save_random_checkpoint(path, "resnet50", CLASSES, (128, 128))
     return path
 
 
@@ -226,10 +272,25 @@ def test_interrupted_driver_resumes_without_recomputing(dataset_dir, slow_checkp
     import time
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "audit.cli", "run", "--dataset", "synthetic", "--data-dir", str(dataset_dir),
-               "--checkpoint", str(slow_checkpoint), "--out", str(tmp_path), "--batch-size", "2"]
-    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "audit.cli",
+        "run",
+        "--dataset",
+        "synthetic",
+        "--data-dir",
+        str(dataset_dir),
+        "--checkpoint",
+        str(slow_checkpoint),
+        "--out",
+        str(tmp_path),
+        "--batch-size",
+        "2",
+    ]
+    driver = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     deadline = time.monotonic() + 240
     written = []
     while time.monotonic() < deadline and driver.poll() is None:
@@ -253,8 +314,13 @@ def test_interrupted_driver_resumes_without_recomputing(dataset_dir, slow_checkp
     before = count_rows(run_dir)["rows"]
     assert 0 < before < 26  # one target: 24 images + 2 rejected rows
 
-    resumed = subprocess.run([sys.executable, "-m", "audit.cli", "run", "--resume", str(run_dir)],
-                             env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "audit.cli", "run", "--resume", str(run_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.strip().splitlines()[-1] == str(run_dir)
     rows = _rows(run_dir)
@@ -314,3 +380,29 @@ def test_bench_pipeline_reports_throughput_and_memory(ray_session, tmp_path):
     assert result.ratio_vs_forward == pytest.approx(result.explain_images_per_s / result.forward_images_per_s, rel=0.01)
     assert result.peak_rss_mb_small > 0 and result.memory_growth > 0
     assert not list(tmp_path.iterdir())  # its datasets and runs are cleaned up
+
+
+def test_manifest_with_boxes_gets_loc_delta(ray_session, dataset_dir, checkpoint, tmp_path):
+    images = sorted((dataset_dir / "HAM10000_images_part_1").glob("*.jpg"))[6:12]
+    frame = pd.DataFrame(
+        {
+            "path": [str(p) for p in images],
+            "label_name": ["nv"] * 6,
+            "box_x0": [0.25] * 5 + [None],
+            "box_y0": [0.25] * 5 + [None],
+            "box_x1": [0.75] * 5 + [None],
+            "box_y1": [0.75] * 5 + [None],
+        }
+    )
+    frame.to_csv(dataset_dir / "boxes.csv", index=False)
+    config = RunConfig(
+        dataset="manifest",
+        data_dir=str(dataset_dir / "boxes.csv"),
+        checkpoint=str(checkpoint),
+        out=str(tmp_path),
+        masks="none",
+    )
+    rows = _rows(run_audit(config, Execution(progress=False))).sort_values("source_row")
+    assert (rows["status"] == "ok").all()
+    assert rows["loc_consensus"].iloc[:5].between(0, 1).all() and pd.isna(rows["loc_consensus"].iloc[5])
+    assert rows["energy_in_mask_consensus"].isna().all() and (rows["mask_source"] == "none").all()

@@ -152,9 +152,12 @@ def format_report(report: CheckReport) -> str:
     """Plain lines for a terminal or a CI log."""
     lines = [
         f"dataset {report.dataset} at {report.root}",
-        f"  images: {report.rows} listed, {report.readable} readable, {report.missing} missing, {report.unreadable} unreadable",
-        f"  masks: {report.masks_found} found, {report.masks_missing} without mask, {report.masks_unreadable} unreadable",
-        f"  rejected rows: {report.rejected}" + "".join(f"\n    {n} x {reason}" for reason, n in report.rejected_reasons.items()),
+        f"  images: {report.rows} listed, {report.readable} readable, "
+        f"{report.missing} missing, {report.unreadable} unreadable",
+        f"  masks: {report.masks_found} found, {report.masks_missing} without mask, "
+        f"{report.masks_unreadable} unreadable",
+        f"  rejected rows: {report.rejected}"
+        + "".join(f"\n    {n} x {reason}" for reason, n in report.rejected_reasons.items()),
         "  class                 images  lesions  readable  masks",
     ]
     for c in report.classes:
@@ -162,7 +165,9 @@ def format_report(report: CheckReport) -> str:
     if report.mask_estimation:
         estimation = report.mask_estimation
         if estimation["mean_iou"] is not None:
-            lines.append(f"  estimated masks vs provided: mean IoU {estimation['mean_iou']:.3f} on {estimation['images']} images")
+            lines.append(
+                f"  estimated masks vs provided: mean IoU {estimation['mean_iou']:.3f} on {estimation['images']} images"
+            )
     for problem in report.problems:
         lines.append(f"  problem: {problem['image_id']}: {problem['reason']}")
     hidden = report.missing + report.unreadable + report.masks_unreadable - len(report.problems)

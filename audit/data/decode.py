@@ -35,7 +35,9 @@ def decode_image(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MA
         return _to_rgb(image)
 
 
-def decode_mask(source: str | os.PathLike | bytes, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_mask(
+    source: str | os.PathLike | bytes, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Bool array (H, W) for an image of ``size`` = (H, W); nonzero pixels are the object."""
     with _open(source, max_pixels) as image:
         mask = _to_gray(image) > 0

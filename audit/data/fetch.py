@@ -134,11 +134,16 @@ def download(
         if part.stat().st_size == size:
             if not _md5_ok(part, md5):
                 part.unlink()
-                raise FetchError(f"{target.name}: MD5 checksum mismatch after download; the partial file was removed, run again")
+                raise FetchError(
+                    f"{target.name}: MD5 checksum mismatch after download; the partial file was removed, run again"
+                )
             part.replace(target)
             return target
     got = part.stat().st_size if part.exists() else 0
-    raise FetchError(f"{target.name}: download incomplete after {retries + 1} attempts ({got:,} of {size:,} bytes); run again to resume")
+    raise FetchError(
+        f"{target.name}: download incomplete after {retries + 1} attempts ({got:,} of {size:,} bytes); "
+        "run again to resume"
+    )
 
 
 def _stream(url: str, part: Path, done: int, size: int, progress: Progress | None, timeout: float) -> None:
@@ -179,7 +184,9 @@ def extract(archive: Path, folder: Path) -> Path:
                 relative = member.filename[len(strip) :] if strip else member.filename
                 target = (staging / relative).resolve()
                 if staging.resolve() not in target.parents:
-                    raise FetchError(f"{archive.name}: refusing member {member.filename!r}, which points outside the folder")
+                    raise FetchError(
+                        f"{archive.name}: refusing member {member.filename!r}, which points outside the folder"
+                    )
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(member) as source, open(target, "wb") as out:
                     shutil.copyfileobj(source, out, CHUNK)

@@ -35,7 +35,14 @@ CLASS_NAMES = {
 MALIGNANT = frozenset({"akiec", "bcc", "mel"})  # malignant or pre-malignant
 METADATA_FILE = "HAM10000_metadata.csv"
 METADATA_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
-IMAGE_FOLDERS = ("HAM10000_images_part_1", "HAM10000_images_part_2", "HAM10000_images_part1", "HAM10000_images_part2", "images", ".")
+IMAGE_FOLDERS = (
+    "HAM10000_images_part_1",
+    "HAM10000_images_part_2",
+    "HAM10000_images_part1",
+    "HAM10000_images_part2",
+    "images",
+    ".",
+)
 MASK_FOLDER = "HAM10000_segmentations_lesion_tschandl"
 ARCHIVES = ("HAM10000_images_part1.zip", "HAM10000_images_part2.zip")
 
@@ -51,7 +58,9 @@ def load_ham10000(root: Path) -> Dataset:
     frame, warnings = read_table(metadata_path)
     missing = [c for c in ("lesion_id", "image_id", "dx") if c not in frame.columns]
     if missing:
-        raise DatasetError(f"{metadata_path}: missing columns {', '.join(missing)} (expected {', '.join(METADATA_COLUMNS)})")
+        raise DatasetError(
+            f"{metadata_path}: missing columns {', '.join(missing)} (expected {', '.join(METADATA_COLUMNS)})"
+        )
     images = _index_files(root, IMAGE_FOLDERS, suffix=".jpg")
     if not images:
         unextracted = [name for name in ARCHIVES if (root / name).is_file()]

@@ -26,7 +26,10 @@ def load_manifest_file(file: Path, classes: Sequence[str] | None = None) -> Data
         raise DatasetError(f"manifest file not found: {file} (--data-dir names the CSV or Parquet file itself)")
     frame, warnings = read_table(file)
     if "path" not in frame.columns or not ({"label", "label_name"} & set(frame.columns)):
-        raise DatasetError(f"{file}: needs a 'path' column and a 'label' or 'label_name' column; has {', '.join(map(str, frame.columns))}")
+        raise DatasetError(
+            f"{file}: needs a 'path' column and a 'label' or 'label_name' column; "
+            f"has {', '.join(map(str, frame.columns))}"
+        )
     frame = frame.astype(object).where(frame.notna(), None)
     names = _label_names(frame, classes, file)
     class_list = tuple(classes) if classes else _classes(frame, names)
@@ -47,7 +50,9 @@ def _label_names(frame: pd.DataFrame, classes: Sequence[str] | None, file: Path)
         return ["" if v is None else str(v).strip() for v in frame["label_name"]]
     labels = pd.to_numeric(frame["label"], errors="coerce")
     if classes:
-        return [classes[int(v)] if pd.notna(v) and 0 <= v < len(classes) and v == int(v) else f"<label {v}>" for v in labels]
+        return [
+            classes[int(v)] if pd.notna(v) and 0 <= v < len(classes) and v == int(v) else f"<label {v}>" for v in labels
+        ]
     if labels.isna().any() or (labels < 0).any() or (labels != labels.round()).any():
         raise DatasetError(f"{file}: 'label' must hold class indices 0, 1, ... (or give 'label_name')")
     return [str(int(v)) for v in labels]

@@ -121,7 +121,7 @@ def generate(dest: Path, spec: SyntheticSpec = SyntheticSpec(), workers: int | N
     (dest / MASK_FOLDER).mkdir(parents=True, exist_ok=True)
     plan = _plan(spec)
     workers = workers or min(os.cpu_count() or 1, 8)
-    chunks = [plan[i :: workers] for i in range(workers)]
+    chunks = [plan[i::workers] for i in range(workers)]
     if workers == 1:
         results = [_draw_lesions(dest, spec, chunks[0])]
     else:
@@ -192,7 +192,10 @@ def _lesion_look(label_name: str, spec: SyntheticSpec, rng: np.random.Generator)
         base.size * rng.uniform(0.85, 1.15),
     )
     harmonics = np.stack([rng.uniform(0.3, 1.0, 4) * base.irregularity, rng.uniform(0, 2 * np.pi, 4)], axis=1)
-    dots = np.stack([rng.uniform(0, 2 * np.pi, base.dots), rng.uniform(0, 0.7, base.dots), rng.uniform(0.06, 0.12, base.dots)], axis=1)
+    dots = np.stack(
+        [rng.uniform(0, 2 * np.pi, base.dots), rng.uniform(0, 0.7, base.dots), rng.uniform(0.06, 0.12, base.dots)],
+        axis=1,
+    )
     return _Look(appearance, harmonics, rng.normal(0, 1, (6, 8)), dots)
 
 
@@ -238,7 +241,9 @@ def _smooth(field_: np.ndarray, h: int, w: int) -> np.ndarray:
     return np.asarray(Image.fromarray(field_.astype(np.float32), mode="F").resize((w, h), Image.Resampling.BICUBIC))
 
 
-def _plant(image: np.ndarray, mask: np.ndarray, label_name: str, spec: SyntheticSpec, rng: np.random.Generator) -> list[str]:
+def _plant(
+    image: np.ndarray, mask: np.ndarray, label_name: str, spec: SyntheticSpec, rng: np.random.Generator
+) -> list[str]:
     """Draw the artefacts this image gets, in place, off the lesion; return their kinds."""
     planted = []
     for owner, shortcut in spec.shortcuts.items():

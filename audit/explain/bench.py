@@ -189,5 +189,7 @@ def format_engine_bench(result: EngineBenchResult) -> str:
         lines.append("  peers not installed: pip install 'cam-audit[peers]' to compare")
         return "\n".join(lines)
     lines += [row(f"  {name}", ms) for name, ms in result.peer_ms.items()]
-    lines.append(row("peers, one after another", result.peers_ms, f"   cam-audit is {result.speedup_vs_peers:.2f}x faster"))
+    lines.append(
+        row("peers, one after another", result.peers_ms, f"   cam-audit is {result.speedup_vs_peers:.2f}x faster")
+    )
     return "\n".join(lines)

@@ -166,7 +166,10 @@ def find_cam_head(probe: _Probe, target_layer: str, classifier: str | None = Non
     ]
     if transforms:
         shown = ", ".join(repr(step) for step in transforms[:3]) + (" ..." if len(transforms) > 3 else "")
-        return None, f"CAM needs {name!r} to read the global-average-pool of {target_layer!r} directly; {shown} run between"
+        return (
+            None,
+            f"CAM needs {name!r} to read the global-average-pool of {target_layer!r} directly; {shown} run between",
+        )
     activation = probe.outputs[target_layer].float()
     pooled = linear_in.float().flatten(1)
     for kind, mapped in (("identity", activation), ("relu", activation.relu())):

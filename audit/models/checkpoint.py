@@ -101,6 +101,17 @@ def save_checkpoint(
     return checkpoint
 
 
+def save_random_checkpoint(
+    path: str | Path, arch: str, classes: Sequence[str], input_size: tuple[int, int], seed: int = 0
+) -> Checkpoint:
+    """A randomly initialised ``arch`` saved as a checkpoint (benchmarks and tests: no weights needed)."""
+    torch.manual_seed(seed)
+    model = build_model(arch, len(classes))
+    return save_checkpoint(
+        path, model, arch=arch, classes=classes, input_size=input_size, mean=(0.5,) * 3, std=(0.25,) * 3
+    )
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read and validate a checkpoint file without unpickling arbitrary objects."""
     path = Path(path)

@@ -22,7 +22,7 @@ import torch
 from audit.config import RunConfig
 from audit.data.ham10000 import CLASSES
 from audit.data.synthetic import DEFAULT_SPEC, SyntheticSpec, generate
-from audit.models.checkpoint import build_model, save_checkpoint
+from audit.models.checkpoint import save_random_checkpoint
 from audit.pipeline.cluster import ray_cluster
 from audit.pipeline.run import Execution, run_audit
 
@@ -46,20 +46,24 @@ class PipelineBenchResult:
         return asdict(self)
 
 
-def bench_pipeline(arch: str = "resnet18", images: int = 256, image_size: int = 224, batch_size: int = 32,
-                   workdir: Path | None = None) -> PipelineBenchResult:
+def bench_pipeline(
+    arch: str = "resnet18", images: int = 256, image_size: int = 224, batch_size: int = 32, workdir: Path | None = None
+) -> PipelineBenchResult:
     with tempfile.TemporaryDirectory(prefix="cam-audit-bench-", dir=workdir) as tmp:
         root = Path(tmp)
         small = generate(root / "small", SyntheticSpec(images=images, shortcuts=DEFAULT_SPEC.shortcuts, seed=1))
         large = generate(root / "large", SyntheticSpec(images=4 * images, shortcuts=DEFAULT_SPEC.shortcuts, seed=2))
         checkpoint = root / "model.pt"
-        torch.manual_seed(0)
-        save_checkpoint(checkpoint, build_model(arch, len(CLASSES)), arch=arch, classes=CLASSES,
-                        input_size=(image_size, image_size), mean=(0.5,) * 3, std=(0.25,) * 3)
+        save_random_checkpoint(checkpoint, arch, CLASSES, (image_size, image_size))
 
         def config(data: Path) -> RunConfig:
-            return RunConfig(dataset="synthetic", data_dir=str(data), checkpoint=str(checkpoint),
-                             out=str(root / "runs"), batch_size=batch_size)
+            return RunConfig(
+                dataset="synthetic",
+                data_dir=str(data),
+                checkpoint=str(checkpoint),
+                out=str(root / "runs"),
+                batch_size=batch_size,
+            )
 
         with ray_cluster(None):
             _, explain_s = _timed(lambda: run_audit(config(large), Execution(progress=False)))

@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import platform
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -190,7 +189,9 @@ def _execute(state: RunState, execution: Execution) -> Path:
     return state.run_dir
 
 
-def _run_pass(state: RunState, pending: pd.DataFrame, plan, checkpoint_ref, execution: Execution, progress: _Progress) -> None:
+def _run_pass(
+    state: RunState, pending: pd.DataFrame, plan, checkpoint_ref, execution: Execution, progress: _Progress
+) -> None:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -300,7 +301,10 @@ def _finish(state: RunState, attempt: dict, began: float, status: str | None) ->
         status = "complete" if counts["rows"] == expected else "incomplete"
     state.info["status"] = status
     seconds = sum(a.get("seconds", 0) for a in state.info["attempts"])
-    state.info["timings"] = {"seconds": round(seconds, 3), "rows_per_second": round(counts["rows"] / seconds, 3) if seconds else None}
+    state.info["timings"] = {
+        "seconds": round(seconds, 3),
+        "rows_per_second": round(counts["rows"] / seconds, 3) if seconds else None,
+    }
     _write_info(state.run_dir, state.info)
     if status == "incomplete":
         raise RunError(f"run {state.run_dir} holds {counts['rows']} rows, expected {expected}; resume it with --resume")
@@ -443,5 +447,8 @@ class _Progress:
         done = self.done + self.new
         rate = self.new / max(self.last - self.began, 1e-9)
         left = f", about {(self.total - done) / rate:.0f} s left" if rate > 0 and done < self.total else ""
-        print(f"progress: {done}/{self.total} rows ({100 * done / max(self.total, 1):.0f}%), {rate:.1f} rows/s{left}",
-              file=sys.stderr, flush=True)
+        print(
+            f"progress: {done}/{self.total} rows ({100 * done / max(self.total, 1):.0f}%), {rate:.1f} rows/s{left}",
+            file=sys.stderr,
+            flush=True,
+        )

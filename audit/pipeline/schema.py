@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from audit.explain.metrics import LOCALIZED, METHOD_PAIRS
 from audit.explain.methods import METHODS
+from audit.explain.metrics import LOCALIZED, METHOD_PAIRS
 
 STAGES = ("manifest", "decode", "mask", "model")
 MAP_COLUMNS = tuple(f"map_{m}" for m in METHODS)
 AGREEMENT_COLUMNS = tuple(f"agree_{kind}_{a}_{b}" for a, b in METHOD_PAIRS for kind in ("spearman", "topk_iou"))
-LOCALIZATION_COLUMNS = tuple(
-    f"{metric}_{m}" for m in LOCALIZED for metric in ("energy_in_mask", "pointing_hit", "iou")
-)
+LOCALIZATION_COLUMNS = tuple(f"{metric}_{m}" for m in LOCALIZED for metric in ("energy_in_mask", "pointing_hit", "iou"))
 LOC_DELTA_COLUMNS = tuple(f"loc_{m}" for m in LOCALIZED)
 KEY = ("image_id", "target_kind")
 

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from audit.data.decode import DecodeError, decode_image, decode_mask
-from audit.data.masks import estimate_lesion_mask
 from audit.data.manifest import BOX_COLUMNS
+from audit.data.masks import estimate_lesion_mask
 from audit.explain.engine import ExplainEngine, Explanation
 from audit.explain.methods import METHODS
 from audit.explain.metrics import MetricSettings, score_batch
@@ -63,7 +63,9 @@ def decode_batch(batch: dict[str, np.ndarray], input_size: tuple[int, int], mask
             continue
         has_mask[i] = source[i] != "none"
     out = {key: value for key, value in batch.items() if key not in ("path_bytes",)}
-    out.update(image=images, mask=mask_out, has_mask=has_mask, mask_source=source, decode_stage=stage, decode_error=error)
+    out.update(
+        image=images, mask=mask_out, has_mask=has_mask, mask_source=source, decode_stage=stage, decode_error=error
+    )
     return out
 
 
@@ -105,7 +107,9 @@ class Explainer:
         )
         self.mean = torch.tensor(checkpoint.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(checkpoint.std, device=self.device).view(1, 3, 1, 1)
-        self.settings = MetricSettings(grid=config.get("grid", 56), topk=config.get("topk", 0.2), delta=config.get("delta", 0.5))
+        self.settings = MetricSettings(
+            grid=config.get("grid", 56), topk=config.get("topk", 0.2), delta=config.get("delta", 0.5)
+        )
         self.schema = schema
         self.mode = mode
         self.with_boxes = all(c in schema.names for c in ("loc_consensus", *BOX_COLUMNS))
@@ -123,7 +127,14 @@ class Explainer:
             for kind in batch["kinds"][i].split(","):
                 row = _base_row(batch, i, kind)
                 if not ok[i]:
-                    rows.add({**row, "status": "error", "error_stage": batch["decode_stage"][i], "error": batch["decode_error"][i]})
+                    rows.add(
+                        {
+                            **row,
+                            "status": "error",
+                            "error_stage": batch["decode_stage"][i],
+                            "error": batch["decode_error"][i],
+                        }
+                    )
                 elif isinstance(results.get(i), str):
                     rows.add({**row, "status": "error", "error_stage": "model", "error": results[i]})
                 else:
@@ -178,13 +189,19 @@ class Explainer:
             for kind in kinds:
                 target = int(pred[position] if kind == "pred" else labels[position])
                 out[int(index)][kind] = {
-                    "status": "ok", "pred": int(pred[position]), "prob": float(prob[position]), "target": target,
-                    "target_prob": float(probs[position, target]), "correct": bool(pred[position] == labels[position]),
+                    "status": "ok",
+                    "pred": int(pred[position]),
+                    "prob": float(prob[position]),
+                    "target": target,
+                    "target_prob": float(probs[position, target]),
+                    "correct": bool(pred[position] == labels[position]),
                 }
         return out
 
     def _boxes(self, batch, indices) -> torch.Tensor:
-        values = np.stack([np.asarray(batch[c][indices], dtype=np.float32) for c in BOX_COLUMNS], axis=1)
+        values = np.array(
+            [[np.nan if v is None else v for v in batch[c][indices]] for c in BOX_COLUMNS], dtype=np.float32
+        ).T
         return torch.from_numpy(values).to(self.device)
 
     def _maybe_die(self) -> None:
@@ -260,5 +277,3 @@ def _plain(value):
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
-
-
