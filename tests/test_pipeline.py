@@ -65,15 +65,16 @@ def checkpoint(tmp_path_factory):
 
 
 def _config(dataset_dir, checkpoint, out, **changes):
+    settings = {"targets": "both", "batch_size": 4, **changes}
     return RunConfig(
-        dataset="synthetic",
-        data_dir=str(dataset_dir),
-        checkpoint=str(checkpoint),
-        out=str(out),
-        targets="both",
-        batch_size=4,
-        **changes,
+        dataset="synthetic", data_dir=str(dataset_dir), checkpoint=str(checkpoint), out=str(out), **settings
     )
+
+
+def _assert_each_key_once(rows: pd.DataFrame) -> None:
+    """Rejected rows may repeat an id (a duplicate is one of the reasons); every other key is unique."""
+    explained = rows[rows["error_stage"].fillna("") != "manifest"]
+    assert not explained.duplicated(["image_id", "target_kind"]).any()
 
 
 def _rows(run_dir) -> pd.DataFrame:
@@ -88,8 +89,7 @@ def finished(ray_session, dataset_dir, checkpoint, tmp_path_factory):
 def test_every_row_ends_once_ok_or_error(finished):
     rows = _rows(finished)
     assert len(rows) == (IMAGES + 2) * 2  # 24 images + a duplicate + an unknown label, two targets each
-    explained = rows[rows["error_stage"].fillna("") != "manifest"]
-    assert not explained.duplicated(["image_id", "target_kind"]).any()
+    _assert_each_key_once(rows)
     assert set(rows["status"]) == {"ok", "error"}
     assert rows.loc[rows["status"] == "ok", "error"].isna().all()
     assert rows.loc[rows["status"] == "error", "error"].notna().all()
@@ -178,10 +178,12 @@ def test_resume_recomputes_only_what_is_missing(finished, tmp_path):
     files[0].unlink()  # never written
     files[1].write_bytes(files[1].read_bytes()[:100])  # cut off mid-write: no footer
     shutil.copy(files[2], run_dir / OUTPUT_DIR / "copy-of-a-finished-file.parquet")  # a duplicate
+    (run_dir / OUTPUT_DIR / ".part-left-by-a-killed-driver.parquet.tmp").write_bytes(b"PAR1")
     resume_audit(run_dir, Execution(progress=False))
     rows = _rows(run_dir)
     assert len(rows) == 52
-    assert not rows[rows["error_stage"].fillna("") != "manifest"].duplicated(["image_id", "target_kind"]).any()
+    _assert_each_key_once(rows)
+    assert not list((run_dir / OUTPUT_DIR).glob(".*.tmp"))
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "complete" and info["attempts"][-1]["computed_rows"] == lost
 
@@ -201,20 +203,11 @@ def test_a_killed_worker_is_retried_and_every_row_lands_once(ray_session, datase
     assert marker.exists()  # the worker really died (SIGKILL) in its second batch
     rows = _rows(run_dir)
     assert len(rows) == 52 and count_rows(run_dir)["rows"] == 52
-    assert not rows[rows["error_stage"].fillna("") != "manifest"].duplicated(["image_id", "target_kind"]).any()
+    _assert_each_key_once(rows)
 
 
 def test_limit_and_pred_only(ray_session, dataset_dir, checkpoint, tmp_path):
-    config = RunConfig(
-        dataset="synthetic",
-        data_dir=str(dataset_dir),
-        checkpoint=str(checkpoint),
-        out=str(tmp_path),
-        targets="pred",
-        batch_size=8,
-        limit=10,
-        masks="estimate",
-    )
+    config = _config(dataset_dir, checkpoint, tmp_path, targets="pred", batch_size=8, limit=10, masks="estimate")
     rows = _rows(run_audit(config, Execution(progress=False)))
     assert len(rows) == 10 and set(rows["target_kind"]) == {"pred"}
     assert set(rows.loc[rows["status"] == "ok", "mask_source"]) == {"estimated"}
@@ -325,7 +318,7 @@ def test_interrupted_driver_resumes_without_recomputing(dataset_dir, slow_checkp
     assert resumed.stdout.strip().splitlines()[-1] == str(run_dir)
     rows = _rows(run_dir)
     assert len(rows) == 26
-    assert not rows[rows["error_stage"].fillna("") != "manifest"].duplicated(["image_id", "target_kind"]).any()
+    _assert_each_key_once(rows)
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "complete"
     assert info["attempts"][-1]["computed_rows"] <= 26 - before  # finished rows were not recomputed

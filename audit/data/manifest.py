@@ -43,10 +43,6 @@ class Dataset:
     class_names: dict[str, str] = field(default_factory=dict)  # short -> full name
     warnings: list[str] = field(default_factory=list)
 
-    @property
-    def metadata_columns(self) -> list[str]:
-        return [c for c in self.manifest.columns if c not in CORE_COLUMNS and c not in BOX_COLUMNS]
-
 
 def resolve_inside(root: Path, candidate: str | os.PathLike) -> Path | None:
     """``candidate`` (relative to ``root``, or absolute) resolved, or None when it escapes ``root``.

@@ -4,8 +4,8 @@ Exactly once, by construction rather than by trust in the executor:
 
 * every manifest row x target kind is one *key* ``(image_id, target_kind)``; rows the loader
   rejected are written as error rows (stage ``manifest``) before anything runs;
-* before each pass the driver lists what is done: it deletes output files that cannot be read
-  (a write cut off by a kill has no Parquet footer) and drops keys that another file already
+* before each pass the driver lists what is done: it deletes temporary files a killed driver
+  left behind and output files that cannot be read, and drops keys that another file already
   holds; what is left to do is the job's input, one block per batch;
 * the job streams the pending rows through Ray Data; a killed worker is restarted and its task
   retried by Ray Data. The driver writes each explained batch as it arrives, atomically (a
@@ -37,9 +37,9 @@ import pyarrow.parquet as pq
 from audit.config import RunConfig
 from audit.data import load_dataset
 from audit.data.manifest import BOX_COLUMNS, Dataset
-from audit.errors import AuditError
+from audit.errors import AuditError, CheckpointError
 from audit.models.anatomy import inspect_model
-from audit.models.checkpoint import Checkpoint, load_checkpoint, load_model, sha256_file
+from audit.models.checkpoint import Checkpoint, checkpoint_from_bytes, load_model
 from audit.pipeline.cluster import check_reachable, plan_resources, ray_cluster
 from audit.pipeline.schema import KEY, explanation_schema, to_table
 from audit.pipeline.stages import Explainer, decode_batch
@@ -72,6 +72,7 @@ class Execution:
 class RunState:
     run_dir: Path
     config: RunConfig
+    checkpoint_bytes: bytes  # read once: what the actors load is what run.json's sha256 names
     checkpoint: Checkpoint
     schema: pa.Schema
     manifest: pd.DataFrame
@@ -91,17 +92,24 @@ def resume_audit(run_dir: Path, execution: Execution = Execution()) -> Path:
     run_dir = Path(run_dir).resolve()
     info = _read_info(run_dir)
     config = RunConfig.from_dict(info["config"])
-    checkpoint = load_checkpoint(config.checkpoint)
-    if sha256_file(config.checkpoint) != info["model"]["sha256"]:
+    data, checkpoint, sha = _read_checkpoint(config.checkpoint)
+    if sha != info["model"]["sha256"]:
         raise RunError(f"{config.checkpoint} changed since run {info['run_id']} started; start a new run instead")
     manifest = pd.read_parquet(run_dir / MANIFEST_FILE)
     schema = pq.read_schema(run_dir / "schema.parquet")
-    state = RunState(run_dir, config, checkpoint, schema, manifest, info)
+    state = RunState(run_dir, config, data, checkpoint, schema, manifest, info)
     return _execute(state, execution)
 
 
+def _read_checkpoint(path: str) -> tuple[bytes, Checkpoint, str]:
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    data = Path(path).read_bytes()
+    return data, checkpoint_from_bytes(data, source=path), hashlib.sha256(data).hexdigest()
+
+
 def _prepare(config: RunConfig) -> RunState:
-    checkpoint = load_checkpoint(config.checkpoint)
+    data, checkpoint, model_sha = _read_checkpoint(config.checkpoint)
     dataset = load_dataset(config.dataset, config.data_dir, classes=checkpoint.classes)
     manifest, rejected = _against_model(dataset, checkpoint)
     if config.limit is not None:
@@ -110,7 +118,6 @@ def _prepare(config: RunConfig) -> RunState:
         rejected = rejected[rejected["row"] <= cutoff]
     if manifest.empty:
         raise RunError(f"no image of dataset {config.dataset} can be explained by this model")
-    model_sha = sha256_file(config.checkpoint)
     fingerprint = _fingerprint(manifest, rejected)
     anatomy = inspect_model(load_model(checkpoint), checkpoint.input_size, config.target_layer, config.classifier)
     started = datetime.now(timezone.utc)
@@ -155,7 +162,7 @@ def _prepare(config: RunConfig) -> RunState:
         "attempts": [],
     }
     _write_info(run_dir, info)
-    return RunState(run_dir, config, checkpoint, schema, manifest, info)
+    return RunState(run_dir, config, data, checkpoint, schema, manifest, info)
 
 
 def _execute(state: RunState, execution: Execution) -> Path:
@@ -170,14 +177,15 @@ def _execute(state: RunState, execution: Execution) -> Path:
         with ray_cluster(state.config.address):
             plan = plan_resources(state.config.actors)
             attempt["resources"] = plan.to_dict()
-            checkpoint_ref = ray.put(Path(state.config.checkpoint).read_bytes())
+            checkpoint_ref = ray.put(state.checkpoint_bytes)
             for _ in range(MAX_PASSES):
                 pending = _pending(state)
                 if pending.empty:
                     break
+                todo = int(pending["kinds"].map(len).sum())
                 attempt["passes"] += 1
-                attempt["computed_rows"] += int(pending["kinds"].map(len).sum())
-                with _Progress(state, enabled=execution.progress) as reporter:
+                attempt["computed_rows"] += todo
+                with _Progress(_expected_rows(state), todo, enabled=execution.progress) as reporter:
                     _run_pass(state, pending, plan, checkpoint_ref, execution, reporter)
     except KeyboardInterrupt:
         _finish(state, attempt, began, "interrupted")
@@ -226,7 +234,6 @@ def _run_pass(
         num_cpus=plan.cpus_per_actor,
         num_gpus=plan.gpus_per_actor or None,
     )
-    # Files of at most one batch: a write cut off by a kill costs one batch, found unreadable on resume.
     for table in explained.iter_batches(batch_size=None, batch_format="pyarrow"):
         if table.num_rows:
             write_batch(table, state.run_dir / OUTPUT_DIR)
@@ -263,13 +270,15 @@ def done_keys(run_dir: Path) -> pd.DataFrame:
     """Keys held by the output files, after removing unreadable files and duplicate rows."""
     seen: set[tuple[str, str]] = set()
     frames = []
+    for partial in (run_dir / OUTPUT_DIR).glob(".*.tmp"):
+        partial.unlink()  # a write the driver did not live to rename
     for file in sorted((run_dir / OUTPUT_DIR).glob("*.parquet")):
         if file.name == REJECTED_FILE:
             continue
         try:
             keys = pq.read_table(file, columns=list(KEY)).to_pandas()
         except (pa.ArrowInvalid, OSError):
-            file.unlink()  # cut off mid-write: its rows are recomputed
+            file.unlink()  # damaged (or cut off by a writer other than ours): its rows are recomputed
             continue
         tuples = list(zip(keys["image_id"], keys["target_kind"]))
         duplicated = [key in seen for key in tuples]
@@ -295,7 +304,7 @@ def _finish(state: RunState, attempt: dict, began: float, status: str | None) ->
     attempt["seconds"] = round(time.perf_counter() - began, 3)
     attempt["finished"] = _now()
     counts = count_rows(state.run_dir)
-    expected = (len(state.manifest) + state.info["dataset"]["rejected"]) * len(state.config.target_kinds)
+    expected = _expected_rows(state)
     state.info["counts"] = {**counts, "expected_rows": expected}
     if status is None:
         status = "complete" if counts["rows"] == expected else "incomplete"
@@ -308,6 +317,10 @@ def _finish(state: RunState, attempt: dict, began: float, status: str | None) ->
     _write_info(state.run_dir, state.info)
     if status == "incomplete":
         raise RunError(f"run {state.run_dir} holds {counts['rows']} rows, expected {expected}; resume it with --resume")
+
+
+def _expected_rows(state: RunState) -> int:
+    return (len(state.manifest) + state.info["dataset"]["rejected"]) * len(state.config.target_kinds)
 
 
 def count_rows(run_dir: Path) -> dict:
@@ -419,10 +432,8 @@ def _now() -> str:
 class _Progress:
     """One line on stderr every few seconds: rows done of all, rate, time left."""
 
-    def __init__(self, state: RunState, enabled: bool, every: float = 5.0) -> None:
-        self.enabled, self.every = enabled, every
-        self.total = (len(state.manifest) + state.info["dataset"]["rejected"]) * len(state.config.target_kinds)
-        self.done = count_rows(state.run_dir)["rows"]
+    def __init__(self, total: int, todo: int, enabled: bool, every: float = 5.0) -> None:
+        self.total, self.done, self.enabled, self.every = total, total - todo, enabled, every
         self.new = 0
 
     def __enter__(self) -> _Progress:

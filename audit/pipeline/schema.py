@@ -13,7 +13,6 @@ import pyarrow as pa
 from audit.explain.methods import METHODS
 from audit.explain.metrics import LOCALIZED, METHOD_PAIRS
 
-STAGES = ("manifest", "decode", "mask", "model")
 MAP_COLUMNS = tuple(f"map_{m}" for m in METHODS)
 AGREEMENT_COLUMNS = tuple(f"agree_{kind}_{a}_{b}" for a, b in METHOD_PAIRS for kind in ("spearman", "topk_iou"))
 LOCALIZATION_COLUMNS = tuple(f"{metric}_{m}" for m in LOCALIZED for metric in ("energy_in_mask", "pointing_hit", "iou"))
@@ -52,11 +51,6 @@ def explanation_schema(manifest_schema: pa.Schema, with_boxes: bool) -> pa.Schem
     taken = {f.name for f in fields} | {"kinds", "row_index"}
     fields += [f for f in manifest_schema if f.name not in taken]
     return pa.schema(fields)
-
-
-def empty_columns(schema: pa.Schema, n: int) -> dict[str, list]:
-    """Columns of ``n`` null values for every field of ``schema``."""
-    return {field.name: [None] * n for field in schema}
 
 
 def to_table(columns: dict[str, list], schema: pa.Schema) -> pa.Table:

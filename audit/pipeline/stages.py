@@ -62,7 +62,7 @@ def decode_batch(batch: dict[str, np.ndarray], input_size: tuple[int, int], mask
             stage[i], error[i] = "mask", str(exc)
             continue
         has_mask[i] = source[i] != "none"
-    out = {key: value for key, value in batch.items() if key not in ("path_bytes",)}
+    out = dict(batch)
     out.update(
         image=images, mask=mask_out, has_mask=has_mask, mask_source=source, decode_stage=stage, decode_error=error
     )
@@ -194,7 +194,6 @@ class Explainer:
                     "prob": float(prob[position]),
                     "target": target,
                     "target_prob": float(probs[position, target]),
-                    "correct": bool(pred[position] == labels[position]),
                 }
         return out
 
