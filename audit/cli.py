@@ -8,11 +8,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from audit import __version__
 from audit.errors import AuditError
+
+if TYPE_CHECKING:
+    from audit.report import ReportResult
 
 
 class AuditGroup(click.Group):
@@ -30,6 +34,53 @@ class AuditGroup(click.Group):
 @click.version_option(__version__, prog_name="audit")
 def main() -> None:
     """cam-audit: check that an image classifier looks at the object, not at a shortcut."""
+
+
+def threshold_options(command):
+    """One option per report threshold (``--off-object-fail`` ...), collected into ``thresholds``."""
+    from dataclasses import fields
+
+    from audit.report.thresholds import HELP, Thresholds
+
+    for spec in reversed(fields(Thresholds)):
+        option = click.option(
+            f"--{spec.name.replace('_', '-')}",
+            f"threshold_{spec.name}",
+            type=int if spec.type == "int" else float,
+            default=None,
+            help=f"{HELP[spec.name]} [default: {spec.default}]",
+        )
+        command = option(command)
+    return command
+
+
+def _thresholds(options: dict) -> dict:
+    """The threshold options given on the command line, by threshold name."""
+    prefix = "threshold_"
+    return {k[len(prefix) :]: v for k, v in options.items() if k.startswith(prefix) and v is not None}
+
+
+FAIL_ON = click.option(
+    "--fail-on",
+    type=click.Choice(["warn", "fail"]),
+    default=None,
+    help="exit 1 when a class's status reaches this level",
+)
+GALLERY = click.option(
+    "--gallery", default=8, show_default=True, type=click.IntRange(min=0), help="worst cases shown per flagged class"
+)
+
+
+def _report(run_dir: Path, overrides: dict, gallery: int, stream) -> ReportResult:
+    from audit.report import build_report
+    from audit.report.build import thresholds_of
+    from audit.report.load import load_run
+
+    base = thresholds_of(load_run(run_dir))
+    result = build_report(run_dir, base.updated(**overrides), gallery=gallery)
+    for line in result.headline():
+        click.echo(line, file=stream)
+    return result
 
 
 @main.command("run")
@@ -68,6 +119,10 @@ def main() -> None:
 @click.option(
     "--resume", "resume_dir", type=click.Path(path_type=Path, file_okay=False), help="finish an interrupted run"
 )
+@click.option("--report/--no-report", default=True, show_default=True, help="end with the report stage")
+@FAIL_ON
+@GALLERY
+@threshold_options
 def run_command(
     name,
     data_dir,
@@ -82,12 +137,17 @@ def run_command(
     classifier,
     actors,
     resume_dir,
+    report,
+    fail_on,
+    gallery,
+    **options,
 ) -> None:
     """Explain every image of a dataset with CAM, Grad-CAM and Grad-CAM++ on a Ray cluster.
 
     Writes OUT/<run_id>/ with run.json, manifest.parquet and explanations/ (one row per image
-    and target, ok or error with a reason), and prints the run directory as the last line.
-    Ctrl-C stops cleanly; `audit run --resume RUN_DIR` then finishes without recomputing.
+    and target, ok or error with a reason), then the report stage's summary.json and
+    report.html, and prints the run directory as the last line. Exits 1 when --fail-on is
+    reached. Ctrl-C stops cleanly; `audit run --resume RUN_DIR` then finishes without recomputing.
     """
     from audit.config import RunConfig
     from audit.pipeline.run import resume_audit, run_audit
@@ -111,12 +171,37 @@ def run_command(
                 target_layer=target_layer,
                 classifier=classifier,
                 actors=actors,
+                thresholds=_thresholds(options),
             )
             run_dir = run_audit(config)
     except KeyboardInterrupt:
         click.echo("interrupted: finish the run with `audit run --resume RUN_DIR`", err=True)
         sys.exit(130)
+    result = _report(run_dir, _thresholds(options), gallery, sys.stderr) if report else None
+    if result is not None:
+        click.echo(f"report: {result.html_path}", err=True)
     click.echo(run_dir)
+    if fail_on and result is not None and result.reaches(fail_on):
+        sys.exit(1)
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
+@FAIL_ON
+@GALLERY
+@click.option("--json", "as_json", is_flag=True, help="print summary.json instead of the verdict lines")
+@threshold_options
+def report_command(run_dir: Path, fail_on: str | None, gallery: int, as_json: bool, **options) -> None:
+    """Aggregate a run per class, flag it, and write summary.json and report.html into RUN_DIR.
+
+    Reads only the columns it needs and recomputes no map, so thresholds can change freely.
+    Thresholds not given here are the run's own (its config), else the defaults. Exits 0 when
+    no class reaches --fail-on, 1 when one does, 2 when RUN_DIR is not a readable run.
+    """
+    result = _report(run_dir, _thresholds(options), gallery, sys.stderr if as_json else sys.stdout)
+    click.echo(json.dumps(result.summary, indent=2) if as_json else f"report: {result.html_path}")
+    if fail_on and result.reaches(fail_on):
+        sys.exit(1)
 
 
 @main.group()

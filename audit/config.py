@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +23,8 @@ class RunConfig:
     ``masks``: ``auto`` uses a row's mask where it has one and estimates the lesion elsewhere;
     ``provided`` uses masks only; ``estimate`` always estimates; ``none`` scores no localization.
     ``actors``: explain actors (default: one per GPU, else one per node).
+    ``thresholds``: the report stage's flag thresholds that differ from the defaults
+    (:class:`audit.report.Thresholds`); they change no computed row.
     """
 
     dataset: str
@@ -41,8 +43,12 @@ class RunConfig:
     topk: float = 0.2
     delta: float = 0.5
     actors: int | None = None
+    thresholds: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from audit.report.thresholds import Thresholds
+
+        Thresholds.from_dict(self.thresholds)  # the report stage's; an error names the key
         if self.targets not in TARGETS:
             raise ConfigError(f"targets must be one of {', '.join(TARGETS)}, got {self.targets!r}")
         if self.masks not in MASKS:

@@ -316,6 +316,9 @@ def test_interrupted_driver_resumes_without_recomputing(dataset_dir, slow_checkp
     )
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.strip().splitlines()[-1] == str(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())  # the run ends with the report stage
+    assert summary["rows"] == 26 and (run_dir / "report.html").stat().st_size > 0
+    assert f"report: {run_dir / 'report.html'}" in resumed.stderr
     rows = _rows(run_dir)
     assert len(rows) == 26
     _assert_each_key_once(rows)
@@ -399,3 +402,22 @@ def test_manifest_with_boxes_gets_loc_delta(ray_session, dataset_dir, checkpoint
     assert (rows["status"] == "ok").all()
     assert rows["loc_consensus"].iloc[:5].between(0, 1).all() and pd.isna(rows["loc_consensus"].iloc[5])
     assert rows["energy_in_mask_consensus"].isna().all() and (rows["mask_source"] == "none").all()
+
+
+def test_report_of_a_real_run_accounts_for_every_row(finished, tmp_path):
+    """Both target kinds, error rows of every stage, pictures from the dataset's own files."""
+    from audit.report import build_report
+
+    run_dir = tmp_path / finished.name
+    shutil.copytree(finished, run_dir)
+    result = build_report(run_dir)
+    summary = result.summary
+    counts = count_rows(run_dir)
+    assert (summary["rows"], summary["errors"]) == (counts["rows"], counts["errors"])
+    assert {c["target_kind"] for c in summary["classes"]} == {"pred", "label"}
+    rows = _rows(run_dir)
+    outside = rows[~rows["label_name"].isin(CLASSES)]  # a label the model does not know: an error row only
+    assert (outside["status"] == "error").all()
+    assert sum(c["n"] for c in summary["classes"]) + len(outside) == len(rows)
+    html = (run_dir / "report.html").read_text()
+    assert html.count('class="card"') >= len(CLASSES) and "data:image/jpeg;base64," in html

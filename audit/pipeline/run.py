@@ -121,7 +121,8 @@ def _prepare(config: RunConfig) -> RunState:
     fingerprint = _fingerprint(manifest, rejected)
     anatomy = inspect_model(load_model(checkpoint), checkpoint.input_size, config.target_layer, config.classifier)
     started = datetime.now(timezone.utc)
-    digest = hashlib.sha256(json.dumps([config.to_dict(), model_sha, fingerprint]).encode()).hexdigest()[:8]
+    computed = {k: v for k, v in config.to_dict().items() if k != "thresholds"}  # thresholds change no row
+    digest = hashlib.sha256(json.dumps([computed, model_sha, fingerprint]).encode()).hexdigest()[:8]
     run_id = f"{started:%Y%m%d-%H%M%S}-{digest}"
     run_dir = Path(config.out) / run_id
     (run_dir / OUTPUT_DIR).mkdir(parents=True, exist_ok=False)

@@ -1,0 +1,97 @@
+"""The report stage: a run directory in, summary.json and report.html out, nothing recomputed."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from audit.report.figures import method_title
+from audit.report.flags import ICONS, STATUSES, ClassResult, assess, malignant_view
+from audit.report.html import GALLERY_FLAGGED, SIZE_WARNING_BYTES, malignant_summary, render_report
+from audit.report.load import RunData, load_run
+from audit.report.summary import make_summary
+from audit.report.thresholds import Thresholds
+
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.html"
+
+
+@dataclass
+class ReportResult:
+    run_dir: Path
+    summary: dict
+    results: list[ClassResult]
+    html_bytes: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        return self.summary["status"]
+
+    @property
+    def html_path(self) -> Path:
+        return self.run_dir / REPORT_FILE
+
+    @property
+    def summary_path(self) -> Path:
+        return self.run_dir / SUMMARY_FILE
+
+    def reaches(self, level: str) -> bool:
+        """True when the run's status is ``level`` (warn|fail) or worse."""
+        return STATUSES.index(self.status) >= STATUSES.index(level)
+
+    def headline(self) -> list[str]:
+        """A few plain lines: the verdict, then one line per flagged class."""
+        counts = {s: sum(r.status == s for r in self.results) for s in STATUSES}
+        lines = [
+            f"{ICONS[self.status]} {self.status.upper()}: {counts['fail']} fail, {counts['warn']} warn, "
+            f"{counts['pass']} pass ({len(self.results)} class x target results)"
+        ]
+        for result in self.results:
+            for group in result.flag_groups:
+                also = f"; also {', '.join(method_title(m) for m in group.others)}" if group.others else ""
+                where = f"{result.label_name} ({result.target_kind})"
+                lines.append(f"  {ICONS[group.lead.status]} {where}: {describe(group.lead)}{also}")
+        return lines + self.warnings
+
+
+def describe(flag) -> str:
+    """One sentence for a flag, e.g. ``off-object (consensus): 92% of images, 95% CI 80-100%, fail at >= 50%``."""
+    method = method_title(flag.method)
+    kind = flag.kind.replace("_", " ").replace("off object", "off-object")
+    return (
+        f"{kind} ({method}): {100 * flag.value:.0f}% of images, 95% CI {100 * flag.low:.0f}-{100 * flag.high:.0f}%, "
+        f"{flag.status} at >= {100 * flag.threshold:.0f}%"
+    )
+
+
+def thresholds_of(run: RunData) -> Thresholds:
+    """The thresholds the run was configured with (defaults where it named none)."""
+    return Thresholds.from_dict(run.info.get("config", {}).get("thresholds") or {})
+
+
+def build_report(run_dir: Path, thresholds: Thresholds | None = None, gallery: int = GALLERY_FLAGGED) -> ReportResult:
+    """Aggregate, flag, and write ``summary.json`` and ``report.html`` into the run directory."""
+    run = load_run(Path(run_dir))
+    thresholds = thresholds or thresholds_of(run)
+    results = assess(run, thresholds)
+    summary = make_summary(run, results, thresholds, malignant_summary(malignant_view(run, thresholds)))
+    html = render_report(run, results, summary, thresholds, gallery)
+    _write_atomic(run.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+    _write_atomic(run.run_dir / REPORT_FILE, html)
+    size = len(html.encode("utf-8"))
+    warnings = []
+    if size > SIZE_WARNING_BYTES:
+        warnings.append(
+            f"warning: {REPORT_FILE} is {size / 1e6:.0f} MB (over {SIZE_WARNING_BYTES / 1e6:.0f} MB); "
+            "lower --gallery to make it lighter"
+        )
+    return ReportResult(run.run_dir, summary, results, size, warnings)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)

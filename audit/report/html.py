@@ -1,0 +1,269 @@
+"""report.html: one self-contained file for human review (Jinja2 template, inline CSS, JS and images).
+
+Nothing is loaded from the network: pictures are data URIs, and a Content-Security-Policy
+allows only those, the inline style and the one inline script (by its hash). Every string from
+the data is escaped by Jinja2's autoescaping. The page reads fully with JavaScript off; the
+script only adds sorting and filtering to the class table.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+import pandas as pd
+from jinja2 import Environment, PackageLoader
+from PIL import Image
+
+from audit.data.decode import DecodeError, decode_image, decode_mask
+from audit.data.manifest import BOX_COLUMNS
+from audit.data.masks import estimate_lesion_mask
+from audit.explain.methods import METHODS
+from audit.explain.metrics import LOCALIZED
+from audit.report import figures
+from audit.report.aggregate import ALL_PAIRS, GroupStats, counted_pairs, indicators, metadata_slices
+from audit.report.flags import ICONS, STATUSES, ClassResult
+from audit.report.load import RunData, class_mean_maps, map_array, read_maps
+from audit.report.thresholds import Thresholds
+
+GALLERY_FLAGGED = 8  # worst cases shown for a class with a flag
+GALLERY_PASSING = 3  # and for a class without one
+MAX_ERRORS_LISTED = 500
+MAX_SLICE_VALUES = 12
+SIZE_WARNING_BYTES = 20_000_000  # above this the file is slow to open and to attach to a ticket
+
+
+@dataclass
+class Card:
+    """One gallery entry: the image with the mask contour, then one overlay per method."""
+
+    image_id: str
+    reasons: list[str]
+    row: dict
+    pred_name: str
+    pictures: list[tuple[str, figures.Picture | None]] = field(default_factory=list)
+    missing: str | None = None
+
+
+def render_report(
+    run: RunData, results: list[ClassResult], summary: dict, thresholds: Thresholds, gallery: int = GALLERY_FLAGGED
+) -> str:
+    environment = Environment(
+        loader=PackageLoader("audit.report"), autoescape=True, trim_blocks=True, lstrip_blocks=True
+    )
+    environment.filters.update(pct=_pct, num=_num, ci=_ci, method=figures.method_title)
+    script = resources.files("audit.report").joinpath("templates/report.js").read_text(encoding="utf-8")
+    pairs = counted_pairs(bool(run.info["model"].get("gradcam_proportional_to_cam")))
+    flags = indicators(run.rows, thresholds, pairs)
+    means = class_mean_maps(run.run_dir)
+    cards = _gallery(run, results, flags, pairs, gallery)
+    sections = [_class_section(run, result, flags, means, cards, thresholds) for result in results]
+    return environment.get_template("report.html.j2").render(
+        run=run,
+        info=run.info,
+        summary=summary,
+        thresholds=thresholds,
+        results=results,
+        counts={s: sum(r.status == s for r in results) for s in STATUSES},
+        sections=sections,
+        icons=ICONS,
+        titles=figures.METHOD_TITLES,
+        pairs=ALL_PAIRS,
+        counted=pairs,
+        localized=LOCALIZED,
+        malignant=_malignant_rows(summary),
+        errors=_errors(run.rows),
+        script=script,
+        script_hash=base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii"),
+    )
+
+
+def _class_section(
+    run: RunData, result: ClassResult, flags: pd.DataFrame, means: dict, cards: dict, thresholds: Thresholds
+) -> dict:
+    mask = _class_rows(run, result)
+    rows = run.rows[mask & run.rows["status"].eq("ok")]
+    histograms = None
+    if len(rows):
+        histograms = figures.histograms(
+            {p: _values(rows, f"agree_spearman_{p}") for p in ALL_PAIRS},
+            {m: _values(rows, f"energy_in_mask_{m}") for m in LOCALIZED},
+            thresholds.agreement_min,
+            thresholds.energy_min,
+        )
+    class_means = means.get((result.label, result.target_kind))
+    heatmaps = figures.mean_heatmaps(class_means, len(rows), run.input_size) if class_means else None
+    slices = []
+    for column in run.metadata_columns:
+        if _sliceable(run.rows[column]):
+            table = metadata_slices(run.rows[mask], flags[mask], column, MAX_SLICE_VALUES)
+            if len(table) > 1:
+                slices.append((column, table.to_dict("records")))
+    return {
+        "result": result,
+        "anchor": _anchor(result),
+        "histograms": histograms,
+        "heatmaps": heatmaps,
+        "slices": slices,
+        "cards": cards.get((result.label, result.target_kind), []),
+    }
+
+
+def _gallery(
+    run: RunData, results: list[ClassResult], flags: pd.DataFrame, pairs: tuple[str, ...], cap: int
+) -> dict[tuple[int, str], list[Card]]:
+    """The worst cases of each class: the most off-object and the least agreeing rows, interleaved."""
+    chosen: dict[tuple[int, str], list[Card]] = {}
+    for result in results:
+        limit = cap if result.flags else min(cap, GALLERY_PASSING)
+        rows = run.rows[_class_rows(run, result) & run.rows["status"].eq("ok")]
+        energy = pd.to_numeric(rows["energy_in_mask_consensus"], errors="coerce")
+        agreement = pd.concat([pd.to_numeric(rows[f"agree_spearman_{p}"], errors="coerce") for p in pairs], axis=1)
+        agreement = agreement.mean(axis=1) if len(pairs) else pd.Series(np.nan, index=rows.index)
+        off = energy[flags.loc[rows.index, "off_object:consensus"].eq(1)].sort_values(kind="stable")
+        low = agreement[flags.loc[rows.index, "low_agreement:all"].eq(1)].sort_values(kind="stable")
+        if off.empty and low.empty:  # nothing below a threshold: show the lowest energies
+            off = energy.dropna().sort_values(kind="stable")
+        picked: dict[int, list[str]] = {}
+        for index_off, index_low in _zip_longest(list(off.index), list(low.index)):
+            for index, reason in (
+                (index_off, f"energy in mask {_num(energy.get(index_off))}"),
+                (index_low, f"agreement {_num(agreement.get(index_low))}"),
+            ):
+                if index is not None and (index in picked or len(picked) < limit):
+                    picked.setdefault(index, []).append(reason)
+            if len(picked) >= limit:
+                break
+        chosen[(result.label, result.target_kind)] = [
+            Card(str(rows.at[i, "image_id"]), reasons, _plain(rows.loc[i]), _class_name(run, rows.at[i, "pred"]))
+            for i, reasons in picked.items()
+        ]
+    _draw_cards(run, [card for cards in chosen.values() for card in cards])
+    return chosen
+
+
+def _draw_cards(run: RunData, cards: list[Card]) -> None:
+    if not cards:
+        return
+    maps = read_maps(run.run_dir, sorted({c.image_id for c in cards}))
+    where = {
+        (image_id, kind): i
+        for i, (image_id, kind) in enumerate(
+            zip(maps.column("image_id").to_pylist(), maps.column("target_kind").to_pylist())
+        )
+    }
+    for card in cards:
+        try:
+            rgb = decode_image(card.row["path"])
+        except (DecodeError, TypeError) as exc:
+            card.missing = f"image not available: {exc}"
+            continue
+        thumb = figures.thumbnail(rgb)
+        contour = _object_mask(card.row, rgb, run.input_size)
+        card.pictures.append(("image", figures.jpeg(figures.outline(thumb, contour))))
+        index = where.get((card.image_id, card.row["target_kind"]))
+        for method in METHODS:
+            saliency = map_array(maps, method, index) if index is not None else None
+            picture = (
+                None if saliency is None else figures.jpeg(figures.outline(figures.overlay(thumb, saliency), contour))
+            )
+            card.pictures.append((figures.METHOD_TITLES[method], picture))
+
+
+def _object_mask(row: dict, rgb: np.ndarray, input_size: tuple[int, int]) -> np.ndarray | None:
+    """The mask the run scored against: the provided one, the estimate on the model-sized image, or a box."""
+    try:
+        if row.get("mask_source") == "provided" and isinstance(row.get("mask_path"), str):
+            return decode_mask(row["mask_path"], rgb.shape[:2])
+        if row.get("mask_source") == "estimated":
+            h, w = input_size
+            resized = np.asarray(Image.fromarray(rgb).resize((w, h), Image.Resampling.BILINEAR))
+            return estimate_lesion_mask(resized)
+    except DecodeError:
+        return None
+    if all(isinstance(row.get(c), float) for c in BOX_COLUMNS):
+        return figures.box_mask(rgb.shape[:2], tuple(row[c] for c in BOX_COLUMNS))
+    return None
+
+
+def _plain(row: pd.Series) -> dict:
+    """A row as a dict with missing values as None (pandas gives NaN, which a template prints)."""
+    return {k: (None if v is None or (isinstance(v, float) and np.isnan(v)) else v) for k, v in row.items()}
+
+
+def _class_name(run: RunData, index) -> str:
+    try:
+        return run.classes[int(index)]
+    except (TypeError, ValueError, IndexError):
+        return "?"
+
+
+def _malignant_rows(summary: dict) -> list[dict] | None:
+    return summary.get("malignant_vs_benign")
+
+
+def _errors(rows: pd.DataFrame) -> dict:
+    errors = rows[rows["status"].eq("error")]
+    columns = ["image_id", "label_name", "target_kind", "error_stage", "error"]
+    return {"count": len(errors), "rows": errors[columns].head(MAX_ERRORS_LISTED).to_dict("records")}
+
+
+def malignant_summary(view: dict[str, GroupStats] | None) -> list[dict] | None:
+    """The malignant-vs-benign view as plain records (summary.json and the HTML share it)."""
+    if not view:
+        return None
+    return [
+        {
+            "group": name,
+            "n": stats.n,
+            "accuracy": stats.accuracy,
+            "low_agreement": stats.rates["low_agreement"]["all"].to_dict(),
+            "off_object": stats.rates["off_object"]["consensus"].to_dict(),
+        }
+        for name, stats in view.items()
+    ]
+
+
+def _class_rows(run: RunData, result: ClassResult) -> pd.Series:
+    rows = run.rows
+    same_class = rows["label"].eq(result.label) | rows["label_name"].eq(result.label_name)
+    return rows["target_kind"].eq(result.target_kind) & same_class
+
+
+def _anchor(result: ClassResult) -> str:
+    return f"class-{result.target_kind}-{result.label}"  # built from an index, never from data
+
+
+def _sliceable(values: pd.Series) -> bool:
+    distinct = values.dropna().nunique()
+    numeric = pd.to_numeric(values.dropna(), errors="coerce").notna().all()
+    return distinct > 1 and (numeric or distinct <= 50)
+
+
+def _values(rows: pd.DataFrame, column: str) -> np.ndarray:
+    return pd.to_numeric(rows[column], errors="coerce").to_numpy(dtype=float)
+
+
+def _zip_longest(a: list, b: list):
+    for i in range(max(len(a), len(b))):
+        yield (a[i] if i < len(a) else None), (b[i] if i < len(b) else None)
+
+
+def _pct(value) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "\u2013"
+    return f"{100 * value:.0f}%"
+
+
+def _num(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "\u2013"
+    return f"{value:.{digits}f}"
+
+
+def _ci(rate: dict) -> str:
+    low, high = rate["ci"]
+    return "" if low is None else f"{100 * low:.0f}\u2013{100 * high:.0f}%"

@@ -1,0 +1,103 @@
+"""The flag rules' thresholds, with their defaults and why.
+
+A row *disagrees* for a method pair when the Spearman rank correlation of the two maps is below
+``agreement_min``; it disagrees *overall* when the mean correlation over the counted pairs is.
+A row is *off-object* for a method when less than ``energy_min`` of the map's mass lies on the
+object mask. A class gets a flag when the share of such rows is high beyond sampling noise: the
+lower end of its bootstrap confidence interval (resampling lesion groups) reaches the warn or
+fail rate.
+
+Defaults, and why:
+
+* ``agreement_min = 0.5``: below 0.5 two maps rank the image's regions only weakly alike; the
+  three methods share activations, so on a sound model they correlate far above it.
+* ``energy_min = 0.5``: less than half of the explanation on the object means the model looks
+  mostly elsewhere. (A uniform map scores the mask's area, well under 0.5 for most lesions.)
+* ``*_warn = 0.25``: a quarter of a class's images is a pattern worth a look, not a few hard cases.
+* ``*_fail = 0.5``: half or more means the class's explanations are dominated by it.
+* ``min_rows = 10``: a class with fewer scored rows is shown but not judged: a bootstrap over a
+  handful of images says little.
+* ``confidence = 0.95`` and ``bootstrap = 2000`` resamples: the usual interval, stable to about
+  0.01 at that many resamples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from audit.errors import AuditError
+
+
+class ThresholdError(AuditError):
+    """A threshold that is unknown or out of range."""
+
+
+HELP = {
+    "agreement_min": "a method pair disagrees on an image below this Spearman correlation",
+    "energy_min": "an image is off-object below this share of the map on the mask",
+    "low_agreement_warn": "warn when this share of a class disagrees",
+    "low_agreement_fail": "fail when this share of a class disagrees",
+    "off_object_warn": "warn when this share of a class is off-object",
+    "off_object_fail": "fail when this share of a class is off-object",
+    "min_rows": "classes with fewer scored images are not judged",
+    "confidence": "level of the bootstrap confidence intervals",
+    "bootstrap": "bootstrap resamples",
+}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    agreement_min: float = 0.5
+    energy_min: float = 0.5
+    low_agreement_warn: float = 0.25
+    low_agreement_fail: float = 0.5
+    off_object_warn: float = 0.25
+    off_object_fail: float = 0.5
+    min_rows: int = 10
+    confidence: float = 0.95
+    bootstrap: int = 2000
+
+    def __post_init__(self) -> None:
+        for name in ("energy_min", "low_agreement_warn", "low_agreement_fail", "off_object_warn", "off_object_fail"):
+            _require(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1], got {getattr(self, name)}")
+        _require(-1 <= self.agreement_min <= 1, f"agreement_min must be in [-1, 1], got {self.agreement_min}")
+        for kind in ("low_agreement", "off_object"):
+            warn, fail = getattr(self, f"{kind}_warn"), getattr(self, f"{kind}_fail")
+            _require(warn <= fail, f"{kind}_warn ({warn}) must not exceed {kind}_fail ({fail})")
+        _require(self.min_rows >= 1, f"min_rows must be >= 1, got {self.min_rows}")
+        _require(0 < self.confidence < 1, f"confidence must be in (0, 1), got {self.confidence}")
+        _require(self.bootstrap >= 100, f"bootstrap must be >= 100 resamples, got {self.bootstrap}")
+
+    def rate_threshold(self, kind: str, status: str) -> float:
+        return getattr(self, f"{kind}_{status}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Thresholds:
+        """Validated: unknown keys and values of the wrong type are errors that name the key."""
+        types = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(data) - set(types))
+        if unknown:
+            raise ThresholdError(f"unknown thresholds: {', '.join(unknown)} (known: {', '.join(types)})")
+        clean = {}
+        for name, value in data.items():
+            wanted = int if types[name] == "int" else float
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or (wanted is int and value != int(value))
+            ):
+                raise ThresholdError(f"threshold {name} must be {'an integer' if wanted is int else 'a number'}")
+            clean[name] = wanted(value)
+        return cls(**clean)
+
+    def updated(self, **changes: float | int | None) -> Thresholds:
+        """A copy with the changes that are not None."""
+        return Thresholds.from_dict({**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}})
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ThresholdError(message)
