@@ -39,6 +39,7 @@ def score_row(image_id: str, label: int, classes: list[str], **values) -> dict:
         "map_h": h,
         "map_w": w,
         "mask_source": "estimated",
+        "mask_area": 0.3,
         "group": None,
         "path": f"/nonexistent/{image_id}.jpg",
         "mask_path": None,

@@ -121,6 +121,7 @@ def test_known_partial_values():
     assert scores["energy_in_mask_gradcam"] == [pytest.approx(1.0 / 1.8)]
     assert scores["pointing_hit_gradcam"] == [True]
     assert scores["iou_gradcam"] == [pytest.approx(1 / 9)]  # {(0,0),(0,3)} vs 8 object pixels
+    assert scores["mask_area"] == [pytest.approx(0.5)]  # what a map spread evenly would score
 
 
 def test_maps_are_upsampled_to_the_mask_resolution():
@@ -137,6 +138,7 @@ def test_empty_mask_and_empty_map_give_null_not_nan():
     assert all(value == [None] for value in scores.values())
     maps, empty = {"gradcam": torch.zeros(1, 8, 8)}, {"gradcam": torch.ones(1, dtype=torch.bool)}
     located = localization(maps, empty, _square_mask(), MetricSettings()).columns()
+    assert located.pop("mask_area") == [pytest.approx(0.25)]  # the mask is real; only the map is empty
     assert all(value == [None] for value in located.values())
 
 
@@ -181,5 +183,5 @@ def test_scores_are_batched_and_device_local():
     empty = {m: torch.zeros(5, dtype=torch.bool) for m in maps}
     masks = torch.rand(5, 32, 32) > 0.5
     scores = score_batch(maps, empty, masks)
-    assert len(scores.values) == 6 + 4 * 3
+    assert len(scores.values) == 6 + 4 * 3 + 1  # agreement, localization, mask_area
     assert all(v.shape == (5,) and v.device == maps["cam"].device for v in scores.values.values())

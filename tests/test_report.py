@@ -55,8 +55,8 @@ def _stats(rows: list[dict], thresholds: Thresholds | None = None, proportional:
 def test_indicators_follow_the_thresholds_and_leave_undefined_scores_undefined():
     rows = pd.DataFrame(
         [
-            score_row("a", 0, CLASSES, agreement=0.49, energy=0.51),
-            score_row("b", 0, CLASSES, agreement=0.5, energy=0.49),
+            score_row("a", 0, CLASSES, agreement=0.49, energy=0.51, mask_area=0.6),
+            score_row("b", 0, CLASSES, agreement=0.5, energy=0.49, mask_area=0.6),
             score_row("c", 0, CLASSES, agreement=None, energy=None),
             error_row("d", "akiec", "decode", "broken"),
         ]
@@ -66,6 +66,23 @@ def test_indicators_follow_the_thresholds_and_leave_undefined_scores_undefined()
     assert flags["off_object:consensus"].tolist()[:2] == [0.0, 1.0]
     assert flags.iloc[2].isna().all()  # null scores (empty maps, no mask) are not counted either way
     assert flags.iloc[3].isna().all()  # nor are error rows
+
+
+def test_off_object_needs_both_little_energy_and_no_lift_over_an_even_map():
+    """A coarse map centred on a small lesion (15% of the image) holds 30% of its mass there: on the
+    object. A corner shortcut holds 5%: off. Without mask_area only the absolute rule applies."""
+    rows = pd.DataFrame(
+        [
+            score_row("centred", 0, CLASSES, energy=0.3, mask_area=0.15),
+            score_row("corner", 0, CLASSES, energy=0.05, mask_area=0.15),
+            score_row("large lesion", 0, CLASSES, energy=0.45, mask_area=0.8),
+            score_row("old run", 0, CLASSES, energy=0.3, mask_area=None),
+        ]
+    )
+    flags = indicators(rows, Thresholds(), counted_pairs(False))
+    assert flags["off_object:consensus"].tolist() == [0.0, 1.0, 1.0, 1.0]
+    stricter = indicators(rows, Thresholds(lift_min=2.5), counted_pairs(False))
+    assert stricter["off_object:consensus"].tolist() == [1.0, 1.0, 1.0, 1.0]
 
 
 def test_proportional_cam_and_gradcam_do_not_count_as_agreement():

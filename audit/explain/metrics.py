@@ -13,6 +13,7 @@ maps, min-max normalised again) against a binary object mask, on maps upsampled 
 mask's resolution:
 
 * ``energy_in_mask_m = sum(map * mask) / sum(map)``: the share of the map's mass on the object;
+  ``mask_area``, the share of the image the mask covers, is what a map spread evenly would score;
 * ``pointing_hit_m``: the map's maximum lies on the object (pointing game, no tolerance);
 * ``iou_m``: IoU of ``map >= delta`` with the mask;
 * ``loc_m``, where a box (x0, y0, x1, y1 as fractions of the image) is given: the Grad-CAM++
@@ -166,6 +167,8 @@ def localization(
     mask = masks.bool().flatten(1) if masks is not None else None
     has_mask = mask.any(dim=1) if mask is not None else None
     box_mask, has_box = _rasterize_boxes(boxes, size) if boxes is not None else (None, None)
+    if mask is not None:
+        scores.add("mask_area", mask.float().mean(-1), has_mask)
     for name in LOCALIZED:
         if name not in maps:
             continue

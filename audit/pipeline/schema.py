@@ -37,6 +37,7 @@ _FIXED: list[tuple[str, pa.DataType]] = [
     *((name, pa.list_(pa.float16())) for name in MAP_COLUMNS),
     *((name, pa.float32()) for name in AGREEMENT_COLUMNS),
     *((name, pa.bool_() if name.startswith("pointing_hit") else pa.float32()) for name in LOCALIZATION_COLUMNS),
+    ("mask_area", pa.float32()),
     ("mask_source", pa.string()),
     ("notes", pa.string()),
 ]

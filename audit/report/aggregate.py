@@ -4,7 +4,11 @@ Each ok row gets 0/1 *indicators* (undefined where its score is null):
 
 * ``low_agreement`` for a method pair ``a_b``: ``agree_spearman_a_b < agreement_min``; for
   ``all``: the mean Spearman correlation over the counted pairs ``< agreement_min``;
-* ``off_object`` for a method ``m`` (and the consensus map): ``energy_in_mask_m < energy_min``.
+* ``off_object`` for a method ``m`` (and the consensus map): ``energy_in_mask_m`` below both
+  ``energy_min`` and ``lift_min * mask_area``: less than half the map on the object *and* no
+  more than a map spread evenly over the image would put there. The second condition keeps a
+  small object seen through a coarse map (a 7x7 map upsampled spills around a small lesion)
+  from counting as off-object when the map is centred on it.
 
 A *rate* is the share of rows with the indicator among the rows where it is defined. Its
 confidence interval is a percentile bootstrap that resamples whole groups (HAM10000's
@@ -76,8 +80,10 @@ def indicators(rows: pd.DataFrame, thresholds: Thresholds, pairs: tuple[str, ...
         out[f"low_agreement:{pair}"] = _below(spearman[pair], thresholds.agreement_min)
     mean = pd.concat([spearman[p] for p in pairs], axis=1).mean(axis=1, skipna=True) if pairs else None
     out["low_agreement:all"] = _below(mean, thresholds.agreement_min) if mean is not None else np.nan
+    chance = thresholds.lift_min * _numeric(rows, "mask_area").fillna(1.0)  # runs without the column: absolute only
     for method in LOCALIZED:
-        out[f"off_object:{method}"] = _below(_numeric(rows, f"energy_in_mask_{method}"), thresholds.energy_min)
+        energy = _numeric(rows, f"energy_in_mask_{method}")
+        out[f"off_object:{method}"] = _below(energy, np.minimum(thresholds.energy_min, chance))
     frame = pd.DataFrame(out, index=rows.index)
     ok = rows["status"].eq("ok")
     return frame.where(ok, np.nan)
@@ -194,7 +200,7 @@ def _numeric(rows: pd.DataFrame, column: str) -> pd.Series:
     return pd.to_numeric(rows[column], errors="coerce").astype(float)
 
 
-def _below(values: pd.Series, threshold: float) -> pd.Series:
+def _below(values: pd.Series, threshold: float | pd.Series) -> pd.Series:
     return (values < threshold).astype(float).where(values.notna(), np.nan)
 
 

@@ -60,7 +60,7 @@ def histograms(
     for method, values in energy.items():
         _step(right, values, (0, 1), _COLORS[method], METHOD_TITLES[method])
     right.axvline(energy_min, color="#c00", linestyle="--", linewidth=1)
-    right.set_xlabel("energy in mask (dashed: off-object below)")
+    right.set_xlabel("energy in mask (dashed: energy_min)")
     for axes in (left, right):
         axes.set_ylabel("images")
         if axes.get_legend_handles_labels()[0]:

@@ -38,6 +38,7 @@ ROW_COLUMNS = (
     "error_stage",
     "error",
     "mask_source",
+    "mask_area",
     "notes",
     "group",
     "path",

@@ -1,0 +1,47 @@
+"""`audit demo` end to end at small sizes: the planted shortcut class, and only it, is flagged off-object."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from audit.cli import main
+from audit.demo import DemoSettings, run_demo
+
+SMALL = DemoSettings(images=350, image_size=128, epochs=6)
+
+
+@pytest.fixture(scope="module")
+def first_demo(ray_session, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    lines: list[str] = []
+    return out, run_demo(out, SMALL, lines.append), lines
+
+
+def test_demo_flags_the_shortcut_class_and_only_it(first_demo):
+    _, result, _ = first_demo
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    off_object = {c["label_name"] for c in summary["classes"] if any(f["kind"] == "off_object" for f in c["flags"])}
+    assert off_object == {"df"}
+    assert all(c["status"] == "pass" for c in summary["classes"] if c["label_name"] != "df")
+    assert result.caught and result.false_flags == [] and result.ok
+    assert result.accuracy > 0.8  # the model learnt the task: the shortcut is what it uses for df
+    planted, found, report = result.lines()
+    assert "df" in planted and found.startswith("Found: df is flagged off-object") and "no other class" in found
+    assert report == f"Report: {result.run_dir / 'report.html'}"
+
+
+def test_second_demo_reuses_data_and_model(first_demo):
+    out, first, lines = first_demo
+    assert any(line.startswith("demo: generating") for line in lines)
+    assert any(line.startswith("demo: training") for line in lines)
+    model_time = (out / "model.pt").stat().st_mtime_ns
+    command = ["demo", "--out", str(out), "--images", "350", "--image-size", "128", "--epochs", "6"]
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 0, result.output
+    assert "reusing the synthetic images" in result.stderr and "reusing the model" in result.stderr
+    assert (out / "model.pt").stat().st_mtime_ns == model_time
+    assert result.stdout.strip().splitlines()[-1].startswith("Report: ")
+    assert len(list((out / "runs").iterdir())) == 2
