@@ -120,6 +120,7 @@ def _report(run_dir: Path, overrides: dict, gallery: int, stream) -> ReportResul
     "--resume", "resume_dir", type=click.Path(path_type=Path, file_okay=False), help="finish an interrupted run"
 )
 @click.option("--report/--no-report", default=True, show_default=True, help="end with the report stage")
+@click.option("--batch-delay", default=0.0, type=float, hidden=True, help="tests: seconds of sleep per batch")
 @FAIL_ON
 @GALLERY
 @threshold_options
@@ -138,6 +139,7 @@ def run_command(
     actors,
     resume_dir,
     report,
+    batch_delay,
     fail_on,
     gallery,
     **options,
@@ -150,11 +152,12 @@ def run_command(
     reached. Ctrl-C stops cleanly; `audit run --resume RUN_DIR` then finishes without recomputing.
     """
     from audit.config import RunConfig
-    from audit.pipeline.run import resume_audit, run_audit
+    from audit.pipeline.run import Execution, resume_audit, run_audit
 
+    execution = Execution(batch_delay=batch_delay)
     try:
         if resume_dir is not None:
-            run_dir = resume_audit(resume_dir)
+            run_dir = resume_audit(resume_dir, execution)
         else:
             if name is None or checkpoint is None:
                 raise AuditError("audit run needs --dataset and --checkpoint (or --resume RUN_DIR)")
@@ -173,7 +176,7 @@ def run_command(
                 actors=actors,
                 thresholds=_thresholds(options),
             )
-            run_dir = run_audit(config)
+            run_dir = run_audit(config, execution)
     except KeyboardInterrupt:
         click.echo("interrupted: finish the run with `audit run --resume RUN_DIR`", err=True)
         sys.exit(130)

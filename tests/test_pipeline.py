@@ -249,16 +249,8 @@ def test_cli_reports_an_unreachable_cluster_and_missing_options(dataset_dir, che
     assert missing.returncode == 2 and "needs --dataset and --checkpoint" in missing.stderr
 
 
-@pytest.fixture(scope="module")
-def slow_checkpoint(tmp_path_factory):
-    """resnet50 at 128x128: slow enough on a CPU that a run can be interrupted half-way."""
-    path = tmp_path_factory.mktemp("slow") / "model.pt"
-    save_random_checkpoint(path, "resnet50", CLASSES, (128, 128))
-    return path
-
-
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGKILL"])
-def test_interrupted_driver_resumes_without_recomputing(dataset_dir, slow_checkpoint, tmp_path, signal_name):
+def test_interrupted_driver_resumes_without_recomputing(dataset_dir, checkpoint, tmp_path, signal_name):
     """Ctrl-C (or a killed driver) half-way; `audit run --resume` finishes the rest, once each."""
     import os
     import signal
@@ -275,11 +267,13 @@ def test_interrupted_driver_resumes_without_recomputing(dataset_dir, slow_checkp
         "--data-dir",
         str(dataset_dir),
         "--checkpoint",
-        str(slow_checkpoint),
+        str(checkpoint),
         "--out",
         str(tmp_path),
         "--batch-size",
         "2",
+        "--batch-delay",
+        "0.5",  # at least 6 s of work: the signal lands mid-run, not in the shutdown after it
     ]
     driver = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True

@@ -60,12 +60,14 @@ class Execution:
     """How to execute, as opposed to what to compute (the RunConfig).
 
     ``mode="forward"`` computes predictions only: the baseline of ``audit bench pipeline``.
-    ``kill_worker_after`` is the fault-injection hook of the tests (see :class:`Explainer`).
+    ``kill_worker_after`` and ``batch_delay`` are the fault-injection hooks of the tests (see
+    :class:`Explainer`).
     """
 
     progress: bool = True
     mode: str = "explain"
     kill_worker_after: str | None = None
+    batch_delay: float = 0.0
 
 
 @dataclass
@@ -228,6 +230,7 @@ def _run_pass(
             "threads": plan.torch_threads,
             "mode": execution.mode,
             "kill_after": execution.kill_worker_after,
+            "delay": execution.batch_delay,
         },
         batch_size=config.batch_size,
         batch_format="numpy",

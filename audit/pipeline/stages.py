@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,7 @@ class Explainer:
     ``mode="forward"`` computes predictions only (the throughput baseline of
     ``audit bench pipeline``). ``kill_after`` (``"N:marker-path"``) is a fault-injection hook
     for tests: the N-th batch SIGKILLs this worker process once, when the marker file does not
-    exist yet.
+    exist yet. ``delay`` (seconds) slows every batch down, so a test can interrupt a run mid-way.
     """
 
     def __init__(
@@ -86,6 +87,7 @@ class Explainer:
         threads: int | None = None,
         mode: str = "explain",
         kill_after: str | None = None,
+        delay: float = 0.0,
     ) -> None:
         import ray
 
@@ -115,10 +117,13 @@ class Explainer:
         self.with_boxes = all(c in schema.names for c in ("loc_consensus", *BOX_COLUMNS))
         self.batches = 0
         self.kill_after = kill_after
+        self.delay = delay
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         self.batches += 1
         self._maybe_die()
+        if self.delay:
+            time.sleep(self.delay)
         rows = _Rows(self.schema)
         n = len(batch["image_id"])
         ok = np.array([not batch["decode_stage"][i] for i in range(n)], dtype=bool)
