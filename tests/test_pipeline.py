@@ -276,7 +276,15 @@ def test_interrupted_driver_resumes_without_recomputing(dataset_dir, checkpoint,
         "0.5",  # at least 6 s of work: the signal lands mid-run, not in the shutdown after it
     ]
     driver = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        # a child inherits an ignored SIGINT, and Python then installs no KeyboardInterrupt handler:
+        # start the driver as a terminal would, whatever an earlier test left in this process
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 240
     written = []
