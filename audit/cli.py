@@ -36,6 +36,15 @@ def main() -> None:
     """cam-audit: check that an image classifier looks at the object, not at a shortcut."""
 
 
+def _require_cuda(device: str | None) -> None:
+    """A --device naming CUDA on a machine without it is bad input, not a traceback."""
+    if device and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise AuditError(f"--device {device}: no CUDA device is available")
+
+
 def threshold_options(command):
     """One option per report threshold (``--off-object-fail`` ...), collected into ``thresholds``."""
     from dataclasses import fields
@@ -73,11 +82,8 @@ GALLERY = click.option(
 
 def _report(run_dir: Path, overrides: dict, gallery: int, stream) -> ReportResult:
     from audit.report import build_report
-    from audit.report.build import thresholds_of
-    from audit.report.load import load_run
 
-    base = thresholds_of(load_run(run_dir))
-    result = build_report(run_dir, base.updated(**overrides), gallery=gallery)
+    result = build_report(run_dir, overrides, gallery=gallery)
     for line in result.headline():
         click.echo(line, file=stream)
     return result
@@ -241,8 +247,7 @@ def bench_engine_command(
     from audit.explain.bench import bench_engine, format_engine_bench
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AuditError(f"--device {device}: no CUDA device is available")
+    _require_cuda(device)
     on_gpu = device.startswith("cuda")
     result = bench_engine(
         arch=arch,
@@ -370,11 +375,7 @@ def train_command(
 
     if arch not in classification_architectures():
         raise AuditError(f"unknown architecture {arch!r}: expected a torchvision classification model")
-    if device and device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise AuditError(f"--device {device}: no CUDA device is available")
+    _require_cuda(device)
     config = TrainConfig(
         dataset=name,
         data_dir=str(data_dir) if data_dir else None,

@@ -223,28 +223,22 @@ def test_resume_refuses_a_changed_checkpoint(finished, tmp_path, checkpoint):
         resume_audit(run_dir, Execution(progress=False))
 
 
+def _run_command(dataset_dir, checkpoint, out, *extra: str) -> list[str]:
+    """`audit run` on the test dataset, as a subprocess command line."""
+    command = [sys.executable, "-m", "audit.cli", "run", "--dataset", "synthetic", "--data-dir", str(dataset_dir)]
+    return [*command, "--checkpoint", str(checkpoint), "--out", str(out), *extra]
+
+
 def test_cli_reports_an_unreachable_cluster_and_missing_options(dataset_dir, checkpoint, tmp_path):
-    base = [sys.executable, "-m", "audit.cli", "run"]
     unreachable = subprocess.run(
-        [
-            *base,
-            "--dataset",
-            "synthetic",
-            "--data-dir",
-            str(dataset_dir),
-            "--checkpoint",
-            str(checkpoint),
-            "--out",
-            str(tmp_path),
-            "--address",
-            "127.0.0.1:1",
-        ],
+        _run_command(dataset_dir, checkpoint, tmp_path, "--address", "127.0.0.1:1"),
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert unreachable.returncode == 2 and "cannot reach the Ray cluster at 127.0.0.1:1" in unreachable.stderr
     assert not list(tmp_path.iterdir())  # nothing written
+    base = [sys.executable, "-m", "audit.cli", "run"]
     missing = subprocess.run([*base, "--dataset", "synthetic"], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "needs --dataset and --checkpoint" in missing.stderr
 
@@ -257,24 +251,8 @@ def test_interrupted_driver_resumes_without_recomputing(dataset_dir, checkpoint,
     import time
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "audit.cli",
-        "run",
-        "--dataset",
-        "synthetic",
-        "--data-dir",
-        str(dataset_dir),
-        "--checkpoint",
-        str(checkpoint),
-        "--out",
-        str(tmp_path),
-        "--batch-size",
-        "2",
-        "--batch-delay",
-        "0.5",  # at least 6 s of work: the signal lands mid-run, not in the shutdown after it
-    ]
+    # --batch-delay: at least 6 s of work, so the signal lands mid-run
+    command = _run_command(dataset_dir, checkpoint, tmp_path, "--batch-size", "2", "--batch-delay", "0.5")
     driver = subprocess.Popen(
         command,
         env=env,

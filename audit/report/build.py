@@ -72,10 +72,12 @@ def thresholds_of(run: RunData) -> Thresholds:
     return Thresholds.from_dict(run.info.get("config", {}).get("thresholds") or {})
 
 
-def build_report(run_dir: Path, thresholds: Thresholds | None = None, gallery: int = GALLERY_FLAGGED) -> ReportResult:
-    """Aggregate, flag, and write ``summary.json`` and ``report.html`` into the run directory."""
+def build_report(run_dir: Path, overrides: dict | None = None, gallery: int = GALLERY_FLAGGED) -> ReportResult:
+    """Aggregate, flag, and write ``summary.json`` and ``report.html`` into the run directory.
+
+    Thresholds are the run's own (its config, else the defaults) with ``overrides`` applied."""
     run = load_run(Path(run_dir))
-    thresholds = thresholds or thresholds_of(run)
+    thresholds = thresholds_of(run).updated(**(overrides or {}))
     results = assess(run, thresholds)
     summary = make_summary(run, results, thresholds, malignant_summary(malignant_view(run, thresholds)))
     html = render_report(run, results, summary, thresholds, gallery)

@@ -98,14 +98,13 @@ def judge(stats: GroupStats, thresholds: Thresholds, pairs: tuple[str, ...]) -> 
 
 def assess(run: RunData, thresholds: Thresholds) -> list[ClassResult]:
     """One result per model class and explained target kind, sorted fail -> warn -> pass."""
-    pairs = counted_pairs(bool(run.info["model"].get("gradcam_proportional_to_cam")))
+    pairs = counted_pairs(run.proportional)
     rows = run.rows
     flags = indicators(rows, thresholds, pairs)
     results = []
     for kind in run.target_kinds:
         for label, name in enumerate(run.classes):
-            # error rows from the manifest stage have no label index, only a name
-            mask = rows["target_kind"].eq(kind) & (rows["label"].eq(label) | rows["label_name"].eq(name))
+            mask = run.class_rows(label, name, kind)
             rng = np.random.default_rng([BOOTSTRAP_SEED, label, run.target_kinds.index(kind)])
             stats = summarize(rows[mask], flags[mask], thresholds, rng)
             result = ClassResult(label, name, kind, stats, judge(stats, thresholds, pairs))
@@ -118,7 +117,7 @@ def malignant_view(run: RunData, thresholds: Thresholds) -> dict[str, GroupStats
     """HAM10000: the same aggregates for malignant and for benign classes (first target kind)."""
     if "malignant" not in run.rows:
         return None
-    pairs = counted_pairs(bool(run.info["model"].get("gradcam_proportional_to_cam")))
+    pairs = counted_pairs(run.proportional)
     rows = run.rows[run.rows["target_kind"].eq(run.target_kinds[0])]
     flags = indicators(rows, thresholds, pairs)
     malignant = rows["malignant"].astype("boolean")

@@ -56,7 +56,7 @@ def render_report(
     )
     environment.filters.update(pct=_pct, num=_num, ci=_ci, method=figures.method_title)
     script = resources.files("audit.report").joinpath("templates/report.js").read_text(encoding="utf-8")
-    pairs = counted_pairs(bool(run.info["model"].get("gradcam_proportional_to_cam")))
+    pairs = counted_pairs(run.proportional)
     flags = indicators(run.rows, thresholds, pairs)
     means = class_mean_maps(run.run_dir)
     cards = _gallery(run, results, flags, pairs, gallery)
@@ -74,7 +74,7 @@ def render_report(
         pairs=ALL_PAIRS,
         counted=pairs,
         localized=LOCALIZED,
-        malignant=_malignant_rows(summary),
+        malignant=summary.get("malignant_vs_benign"),
         errors=_errors(run.rows),
         script=script,
         script_hash=base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii"),
@@ -201,10 +201,6 @@ def _class_name(run: RunData, index) -> str:
         return "?"
 
 
-def _malignant_rows(summary: dict) -> list[dict] | None:
-    return summary.get("malignant_vs_benign")
-
-
 def _errors(rows: pd.DataFrame) -> dict:
     errors = rows[rows["status"].eq("error")]
     columns = ["image_id", "label_name", "target_kind", "error_stage", "error"]
@@ -228,9 +224,7 @@ def malignant_summary(view: dict[str, GroupStats] | None) -> list[dict] | None:
 
 
 def _class_rows(run: RunData, result: ClassResult) -> pd.Series:
-    rows = run.rows
-    same_class = rows["label"].eq(result.label) | rows["label_name"].eq(result.label_name)
-    return rows["target_kind"].eq(result.target_kind) & same_class
+    return run.class_rows(result.label, result.label_name, result.target_kind)
 
 
 def _anchor(result: ClassResult) -> str:

@@ -80,6 +80,16 @@ class RunData:
         return [k for k in ("pred", "label") if k in set(self.rows["target_kind"].dropna())] or ["pred"]
 
     @property
+    def proportional(self) -> bool:
+        """CAM and Grad-CAM are proportional by construction on this model (run.json says)."""
+        return bool(self.info["model"].get("gradcam_proportional_to_cam"))
+
+    def class_rows(self, label: int, label_name: str, target_kind: str) -> pd.Series:
+        """Rows of one class and target kind (error rows of the manifest stage carry only a name)."""
+        same_class = self.rows["label"].eq(label) | self.rows["label_name"].eq(label_name)
+        return self.rows["target_kind"].eq(target_kind) & same_class
+
+    @property
     def input_size(self) -> tuple[int, int]:
         h, w = self.info["model"]["input_size"]
         return int(h), int(w)

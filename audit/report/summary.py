@@ -22,9 +22,8 @@ def make_summary(
     run: RunData, results: list[ClassResult], thresholds: Thresholds, malignant: list[dict] | None = None
 ) -> dict:
     rows = run.rows
-    proportional = bool(run.info["model"].get("gradcam_proportional_to_cam"))
     notes = []
-    if proportional:
+    if run.proportional:
         notes.append(
             "CAM and Grad-CAM are proportional by construction on this model (last feature map of a "
             "global-average-pool -> linear network): their agreement is not counted as evidence."
@@ -40,7 +39,7 @@ def make_summary(
         "errors": int(rows["status"].ne("ok").sum()),
         "run_status": run.info.get("status"),
         "target_kinds": run.target_kinds,
-        "counted_pairs": list(counted_pairs(proportional)),
+        "counted_pairs": list(counted_pairs(run.proportional)),
         "notes": notes,
         "classes": [_class_entry(r) for r in results],
     }
