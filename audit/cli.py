@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import click
 
 from audit import __version__
+from audit.config import MASKS, TARGETS
 from audit.errors import AuditError
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ def _thresholds(options: dict) -> dict:
     return {k[len(prefix) :]: v for k, v in options.items() if k.startswith(prefix) and v is not None}
 
 
+DATASET_CHOICE = click.Choice(["ham10000", "imagefolder", "manifest", "synthetic"])
 FAIL_ON = click.option(
     "--fail-on",
     type=click.Choice(["warn", "fail"]),
@@ -80,118 +82,171 @@ GALLERY = click.option(
 )
 
 
-def _report(run_dir: Path, overrides: dict, gallery: int, stream) -> ReportResult:
+def _report(
+    run_dir: Path, overrides: dict, gallery: int, stream, baseline: str | None = None, tolerance: float | None = None
+) -> ReportResult:
     from audit.report import build_report
 
-    result = build_report(run_dir, overrides, gallery=gallery)
+    extra = {"baseline": Path(baseline), "tolerance": tolerance} if baseline else {}
+    result = build_report(run_dir, overrides, gallery=gallery, **extra)
     for line in result.headline():
         click.echo(line, file=stream)
     return result
 
 
+def _default(name: str) -> str:
+    """An option's default as the help shows it: the RunConfig's, the one source of defaults."""
+    from audit.config import RunConfig
+
+    value = RunConfig.default(name)
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _typed(ctx: click.Context) -> dict:
+    """The options typed on the command line (not their defaults), by RunConfig name."""
+    from click.core import ParameterSource
+
+    typed = {
+        name: value
+        for name, value in ctx.params.items()
+        if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE and not name.startswith("threshold_")
+    }
+    for key in ("checkpoint", "data_dir", "out", "baseline"):
+        if typed.get(key) is not None:
+            typed[key] = str(typed[key])
+    thresholds = _thresholds(ctx.params)
+    return {**typed, "thresholds": thresholds} if thresholds else typed
+
+
+TOLERANCE = click.option(
+    "--tolerance",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="with a baseline: a class regressed when a rate rose by more than this (0.05 = 5 points) "
+    f"[default: {_default('tolerance')}]",
+)
+
+
 @main.command("run")
-@click.option("--dataset", "name", type=click.Choice(["ham10000", "imagefolder", "manifest", "synthetic"]))
+@click.option(
+    "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), help="options from a TOML file"
+)
+@click.option("--dataset", type=DATASET_CHOICE)
 @click.option("--data-dir", type=click.Path(path_type=Path), help="dataset folder (for manifest: the CSV/Parquet file)")
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="cam-audit/1 checkpoint (.pt)")
 @click.option(
-    "--out",
-    default="reports",
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="runs are written to OUT/<run_id>/",
+    "--out", type=click.Path(path_type=Path), help=f"runs go to OUT/NAME/<run_id>/ [default: {_default('out')}]"
 )
-@click.option(
-    "--targets",
-    type=click.Choice(["pred", "label", "both"]),
-    default="pred",
-    show_default=True,
-    help="classes to explain",
-)
-@click.option("--address", default=None, help="join a Ray cluster (auto, ray://host:10001); default: start a local one")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--limit", default=None, type=click.IntRange(min=1), help="only the first N images, for a quick look")
+@click.option("--name", help="the audit's name: its history folder under OUT [default: the dataset name]")
+@click.option("--targets", type=click.Choice(TARGETS), help=f"classes to explain [default: {_default('targets')}]")
+@click.option("--address", help="join a Ray cluster (auto, ray://host:10001); default: start a local one")
+@click.option("--batch-size", type=click.IntRange(min=1), help=f"[default: {_default('batch_size')}]")
+@click.option("--limit", type=click.IntRange(min=1), help="only the first N images, for a quick look")
 @click.option(
     "--masks",
-    type=click.Choice(["auto", "provided", "estimate", "none"]),
-    default="auto",
-    show_default=True,
-    help="auto: a row's own mask, else an estimated lesion mask",
+    type=click.Choice(MASKS),
+    help=f"auto: a row's own mask, else an estimated lesion mask [default: {_default('masks')}]",
 )
-@click.option("--target-layer", default=None, help="module to explain (default: found automatically)")
-@click.option("--classifier", default=None, help="linear layer CAM reads (default: found automatically)")
+@click.option("--target-layer", help="module to explain (default: found automatically)")
+@click.option("--classifier", help="linear layer CAM reads (default: found automatically)")
 @click.option(
-    "--actors", default=None, type=click.IntRange(min=1), help="explain actors (default: one per GPU, else per node)"
+    "--gradcampp-eps",
+    type=click.FloatRange(min=0),
+    help="added to Grad-CAM++'s alpha denominator (1e-6 matches pytorch-grad-cam) "
+    f"[default: {_default('gradcampp_eps')}]",
 )
+@click.option("--grid", type=click.IntRange(min=2), help=f"side of the agreement grid [default: {_default('grid')}]")
+@click.option(
+    "--topk", type=click.FloatRange(0, 1, min_open=True), help=f"top-region share [default: {_default('topk')}]"
+)
+@click.option(
+    "--delta", type=click.FloatRange(0, 1, min_open=True), help=f"IoU threshold of a map [default: {_default('delta')}]"
+)
+@click.option("--actors", type=click.IntRange(min=1), help="explain actors (default: one per GPU, else per node)")
+@click.option("--keep", type=click.IntRange(min=1), help="keep this audit's newest N runs (never the baseline)")
+@click.option(
+    "--baseline",
+    type=click.Path(path_type=Path),
+    help="compare with this run (a run folder or a baseline/latest pointer)",
+)
+@TOLERANCE
 @click.option(
     "--resume", "resume_dir", type=click.Path(path_type=Path, file_okay=False), help="finish an interrupted run"
 )
-@click.option("--report/--no-report", default=True, show_default=True, help="end with the report stage")
+@click.option("--report/--no-report", default=None, help="end with the report stage [default: report]")
 @click.option("--batch-delay", default=0.0, type=float, hidden=True, help="tests: seconds of sleep per batch")
 @FAIL_ON
-@GALLERY
+@click.option(
+    "--gallery",
+    type=click.IntRange(min=0),
+    help=f"worst cases shown per flagged class [default: {_default('gallery')}]",
+)
 @threshold_options
-def run_command(
-    name,
-    data_dir,
-    checkpoint,
-    out,
-    targets,
-    address,
-    batch_size,
-    limit,
-    masks,
-    target_layer,
-    classifier,
-    actors,
-    resume_dir,
-    report,
-    batch_delay,
-    fail_on,
-    gallery,
-    **options,
-) -> None:
+@click.pass_context
+def run_command(ctx: click.Context, config_file: Path | None, resume_dir: Path | None, batch_delay: float, **_) -> None:
     """Explain every image of a dataset with CAM, Grad-CAM and Grad-CAM++ on a Ray cluster.
 
-    Writes OUT/<run_id>/ with run.json, manifest.parquet and explanations/ (one row per image
-    and target, ok or error with a reason), then the report stage's summary.json and
-    report.html, and prints the run directory as the last line. Exits 1 when --fail-on is
-    reached. Ctrl-C stops cleanly; `audit run --resume RUN_DIR` then finishes without recomputing.
+    Writes OUT/NAME/<run_id>/ with run.json, manifest.parquet and explanations/ (one row per
+    image and target, ok or error with a reason), then the report stage's summary.json and
+    report.html, and prints the run directory as the last line. With --baseline it also
+    compares the run with that one (compare.json and a report section). A complete run becomes
+    OUT/NAME/latest; --keep N then deletes the oldest runs. Exits 1 when --fail-on is reached by
+    the report or the comparison. Options may come from a TOML file (--config); flags typed
+    here override it. Ctrl-C stops cleanly; `audit run --resume RUN_DIR` then finishes
+    without recomputing.
     """
-    from audit.config import RunConfig
+    from audit.config import build_config
+    from audit.history import prune
     from audit.pipeline.run import Execution, resume_audit, run_audit
 
+    typed = _typed(ctx)
+    typed.pop("config_file", None)
+    typed.pop("resume_dir", None)
+    typed.pop("batch_delay", None)
     execution = Execution(batch_delay=batch_delay)
     try:
         if resume_dir is not None:
-            run_dir = resume_audit(resume_dir, execution)
+            if config_file is not None:
+                raise AuditError("--resume takes the run's own configuration; leave out --config")
+            run_dir = resume_audit(resume_dir, execution, typed)
+            config = _run_config(run_dir)
         else:
-            if name is None or checkpoint is None:
-                raise AuditError("audit run needs --dataset and --checkpoint (or --resume RUN_DIR)")
-            config = RunConfig(
-                dataset=name,
-                checkpoint=str(checkpoint),
-                data_dir=str(data_dir) if data_dir else None,
-                out=str(out),
-                targets=targets,
-                address=address,
-                batch_size=batch_size,
-                limit=limit,
-                masks=masks,
-                target_layer=target_layer,
-                classifier=classifier,
-                actors=actors,
-                thresholds=_thresholds(options),
-            )
-            run_dir = run_audit(config, execution)
+            config = build_config(config_file, typed)
+            baseline = _baseline(config.baseline)  # fails before anything is computed
+            run_dir = run_audit(config.updated(baseline=str(baseline) if baseline else None), execution)
     except KeyboardInterrupt:
         click.echo("interrupted: finish the run with `audit run --resume RUN_DIR`", err=True)
         sys.exit(130)
-    result = _report(run_dir, _thresholds(options), gallery, sys.stderr) if report else None
-    if result is not None:
+    result = None
+    if config.report:
+        result = _report(run_dir, {}, config.gallery, sys.stderr, config.baseline, config.tolerance)
         click.echo(f"report: {result.html_path}", err=True)
+    if config.keep:
+        for gone in prune(run_dir.parent, config.keep, protect=(run_dir, config.baseline and Path(config.baseline))):
+            click.echo(f"deleted old run: {gone}", err=True)
     click.echo(run_dir)
-    if fail_on and result is not None and result.reaches(fail_on):
+    if config.fail_on and result is not None and result.reaches(config.fail_on):
         sys.exit(1)
+
+
+def _baseline(path: str | None) -> Path | None:
+    """The run to compare with; a ``baseline``/``latest`` pointer not yet set means none (first run)."""
+    from audit.history import POINTERS, resolve_run
+
+    if not path:
+        return None
+    pointer = Path(path)
+    if pointer.name in POINTERS and not (pointer.exists() or pointer.is_symlink()):
+        click.echo(f"note: nothing at {pointer} yet, so this run is not compared with a baseline", err=True)
+        return None
+    return resolve_run(pointer)
+
+
+def _run_config(run_dir: Path):
+    from audit.config import RunConfig
+    from audit.pipeline.run import read_info
+
+    return RunConfig.from_dict(read_info(run_dir)["config"])
 
 
 @main.command("report")
@@ -211,6 +266,63 @@ def report_command(run_dir: Path, fail_on: str | None, gallery: int, as_json: bo
     click.echo(json.dumps(result.summary, indent=2) if as_json else f"report: {result.html_path}")
     if fail_on and result.reaches(fail_on):
         sys.exit(1)
+
+
+@main.command("compare")
+@click.argument("baseline_run", type=click.Path(path_type=Path))
+@click.argument("run_dir", metavar="RUN", type=click.Path(path_type=Path))
+@FAIL_ON
+@TOLERANCE
+@GALLERY
+@click.option("--json", "as_json", is_flag=True, help="print compare.json instead of the verdict lines")
+@threshold_options
+def compare_command(
+    baseline_run: Path,
+    run_dir: Path,
+    fail_on: str | None,
+    tolerance: float | None,
+    gallery: int,
+    as_json: bool,
+    **options,
+) -> None:
+    """Compare RUN with BASELINE_RUN class by class: rate deltas, regressions, new and resolved flags.
+
+    Both runs are judged with RUN's thresholds (its config, then the ones given here). A class
+    regressed when a rate rose by more than --tolerance. Writes compare.json into RUN and
+    renders RUN's report.html again with a comparison section. Either argument may be a run
+    folder or a `latest`/`baseline` pointer. Exits 0 when the comparison does not reach
+    --fail-on (regressed: fail; new flags only: warn), 1 when it does, 2 on bad input.
+    """
+    from audit.config import RunConfig
+    from audit.history import resolve_run
+    from audit.report import build_report
+
+    baseline_run, run_dir = resolve_run(baseline_run), resolve_run(run_dir)
+    if baseline_run == run_dir:
+        raise AuditError(f"BASELINE_RUN and RUN are the same run: {run_dir}")
+    tolerance = RunConfig.default("tolerance") if tolerance is None else tolerance
+    stream = sys.stderr if as_json else sys.stdout
+    result = build_report(run_dir, _thresholds(options), gallery=gallery, baseline=baseline_run, tolerance=tolerance)
+    for line in result.comparison.headline():
+        click.echo(line, file=stream)
+    comparison = result.comparison.to_dict()
+    click.echo(json.dumps(comparison, indent=2) if as_json else f"report: {result.html_path}")
+    if fail_on and result.comparison.reaches(fail_on):
+        sys.exit(1)
+
+
+@main.command("baseline")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def baseline_command(run_dir: Path) -> None:
+    """Pin RUN_DIR as its audit's baseline: OUT/NAME/baseline then names it.
+
+    Retention (--keep) never deletes the pinned run, and `audit run --baseline OUT/NAME/baseline`
+    (or `baseline = ...` in a config file) compares every new run with it. Prints the pointer.
+    """
+    from audit.history import BASELINE, point, resolve_run
+
+    run_dir = resolve_run(run_dir)
+    click.echo(point(run_dir.parent, BASELINE, run_dir))
 
 
 @main.group()
@@ -281,9 +393,6 @@ def bench_pipeline_command(arch: str, images: int, image_size: int, batch_size: 
 
     result = bench_pipeline(arch=arch, images=images, image_size=image_size, batch_size=batch_size)
     click.echo(json.dumps(result.to_dict()) if as_json else format_pipeline_bench(result))
-
-
-DATASET_CHOICE = click.Choice(["ham10000", "imagefolder", "manifest", "synthetic"])
 
 
 @main.group()

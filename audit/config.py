@@ -1,15 +1,47 @@
-"""One validated configuration for `audit run`: the CLI builds it, `run.json` records it, resume reads it."""
+"""One validated configuration for `audit run`: command-line flags and TOML files build the same object.
+
+``run.json`` records it and ``--resume`` reads it back. A TOML file holds any option of the
+command under its name with underscores (``batch_size = 64``) and the report thresholds in a
+``[thresholds]`` table; relative paths in it resolve against the file's folder. Flags given on
+the command line override the file. Unknown keys and values of the wrong type are errors that
+name the key (see ``jobs/ham10000.toml``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import difflib
+import sys
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_origin, get_type_hints
 
 from audit.errors import AuditError
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
 TARGETS = ("pred", "label", "both")
 MASKS = ("auto", "provided", "estimate", "none")
+REQUIRED = ("dataset", "checkpoint")
+PATH_KEYS = ("checkpoint", "data_dir", "out", "baseline")
+# The options that decide which rows a run computes and what is in them: the run id's hash covers
+# these (with the model's and the dataset's fingerprints), and --resume cannot change them.
+COMPUTED = (
+    "dataset",
+    "data_dir",
+    "checkpoint",
+    "targets",
+    "limit",
+    "masks",
+    "target_layer",
+    "classifier",
+    "gradcampp_eps",
+    "grid",
+    "topk",
+    "delta",
+)
 
 
 class ConfigError(AuditError):
@@ -18,19 +50,27 @@ class ConfigError(AuditError):
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything that decides what `audit run` computes.
+    """Every option of `audit run`.
 
-    ``masks``: ``auto`` uses a row's mask where it has one and estimates the lesion elsewhere;
-    ``provided`` uses masks only; ``estimate`` always estimates; ``none`` scores no localization.
-    ``actors``: explain actors (default: one per GPU, else one per node).
-    ``thresholds``: the report stage's flag thresholds that differ from the defaults
-    (:class:`audit.report.Thresholds`); they change no computed row.
+    What to compute (:data:`COMPUTED`): ``masks``: ``auto`` uses a row's mask where it has one
+    and estimates the lesion elsewhere; ``provided`` uses masks only; ``estimate`` always
+    estimates; ``none`` scores no localization. ``grid``, ``topk`` and ``delta`` tune the
+    metrics (:mod:`audit.explain.metrics`).
+
+    How to run it and what to do with it: ``name`` is the audit's name: runs go to
+    ``out/name/<run_id>/`` (default name: the dataset's). ``actors``: explain actors (default:
+    one per GPU, else one per node). ``keep``: how many runs of this audit to keep (the
+    baseline and the ``latest`` run are never deleted). ``baseline``: a run to compare with at
+    the end. ``fail_on``: exit 1 when the report, or the comparison, reaches this status.
+    ``thresholds``: the report's flag thresholds that differ from the defaults
+    (:class:`audit.report.Thresholds`). None of these changes a computed row.
     """
 
     dataset: str
     checkpoint: str
     data_dir: str | None = None
     out: str = "reports"
+    name: str | None = None
     targets: Literal["pred", "label", "both"] = "pred"
     address: str | None = None
     batch_size: int = 32
@@ -43,46 +83,169 @@ class RunConfig:
     topk: float = 0.2
     delta: float = 0.5
     actors: int | None = None
+    keep: int | None = None
+    report: bool = True
+    gallery: int = 8
+    fail_on: Literal["warn", "fail"] | None = None
+    baseline: str | None = None
+    tolerance: float = 0.05
     thresholds: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from audit.report.thresholds import Thresholds
 
+        for spec in fields(self):
+            _check_type(spec.name, getattr(self, spec.name), _hints()[spec.name])
         Thresholds.from_dict(self.thresholds)  # the report stage's; an error names the key
-        if self.targets not in TARGETS:
-            raise ConfigError(f"targets must be one of {', '.join(TARGETS)}, got {self.targets!r}")
-        if self.masks not in MASKS:
-            raise ConfigError(f"masks must be one of {', '.join(MASKS)}, got {self.masks!r}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit must be >= 1, got {self.limit}")
-        if self.actors is not None and self.actors < 1:
-            raise ConfigError(f"actors must be >= 1, got {self.actors}")
+        from audit.explain.metrics import MetricSettings
+
+        for name in ("batch_size", "limit", "actors", "keep"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        try:
+            MetricSettings(self.grid, self.topk, self.delta)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not 0 <= self.tolerance <= 1:
+            raise ConfigError(f"tolerance must be in [0, 1], got {self.tolerance}")
         if self.gradcampp_eps < 0:
-            raise ConfigError("gradcampp_eps must be >= 0")
+            raise ConfigError(f"gradcampp_eps must be >= 0, got {self.gradcampp_eps}")
+        if self.gallery < 0:
+            raise ConfigError(f"gallery must be >= 0, got {self.gallery}")
+        if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
+            raise ConfigError(f"name must be a plain folder name, got {self.name!r}")
 
     @property
     def target_kinds(self) -> tuple[str, ...]:
         return ("pred", "label") if self.targets == "both" else (self.targets,)
+
+    @property
+    def audit_name(self) -> str:
+        return self.name or self.dataset
+
+    @property
+    def computed(self) -> dict:
+        """The options that decide the computed rows."""
+        return {name: getattr(self, name) for name in COMPUTED}
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        """Validated: an unknown key is an error that names it (and the closest known key)."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
+            raise ConfigError(f"unknown option {_with_hint(unknown[0], known)}")
+        absent = [name for name in REQUIRED if data.get(name) is None]
+        if absent:
+            raise ConfigError(f"missing option: {', '.join(absent)}")
         return cls(**data)
+
+    @classmethod
+    def default(cls, name: str):
+        """The default of one option (for the command line's help)."""
+        spec = next(f for f in fields(cls) if f.name == name)
+        return spec.default_factory() if spec.default_factory is not MISSING else spec.default
+
+    def updated(self, **changes) -> RunConfig:
+        return RunConfig.from_dict({**self.to_dict(), **changes})
 
     def resolved(self) -> RunConfig:
         """Paths made absolute, so a run can be resumed from another working directory."""
+        return self.updated(**{key: _absolute(getattr(self, key)) for key in PATH_KEYS})
 
-        def absolute(value: str | None) -> str | None:
-            return str(Path(value).expanduser().resolve()) if value else value
 
-        data = self.to_dict()
-        data.update(checkpoint=absolute(self.checkpoint), data_dir=absolute(self.data_dir), out=absolute(self.out))
-        return RunConfig(**data)
+def read_config_file(path: Path) -> dict:
+    """The options of a TOML file, checked key by key; relative paths resolved against its folder.
+
+    Returns a partial option dict: the command line's flags and the defaults fill in the rest."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    known = [f.name for f in fields(RunConfig)]
+    hints = _hints()
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{path}: unknown option {_with_hint(key, known)}")
+        try:
+            _check_type(key, value, hints[key])
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    for key in PATH_KEYS:
+        if isinstance(data.get(key), str):
+            data[key] = str((path.parent / Path(data[key]).expanduser()).resolve())
+    return data
+
+
+def build_config(file: Path | None, flags: dict) -> RunConfig:
+    """The file's options (if any) with the command line's ``flags`` on top; thresholds merge key by key."""
+    data = read_config_file(file) if file is not None else {}
+    source = f"{file}: " if file is not None else ""
+    thresholds = {**data.get("thresholds", {}), **flags.get("thresholds", {})}
+    merged = {**data, **flags, "thresholds": thresholds}
+    absent = [key for key in REQUIRED if merged.get(key) is None]
+    if absent:
+        options = " and ".join(f"--{key}" for key in absent)
+        raise ConfigError(f"audit run needs {options} (or those keys in a --config file, or --resume RUN_DIR)")
+    try:
+        return RunConfig.from_dict(merged)
+    except AuditError as exc:
+        raise ConfigError(f"{source}{exc}") from None
+
+
+def _hints() -> dict:
+    return get_type_hints(RunConfig)
+
+
+def _check_type(key: str, value, hint) -> None:
+    """Exact types, as TOML gives them: "32" is not a number and 1 is not a boolean."""
+    if value is None and type(None) in get_args(hint):
+        return
+    options = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) is not Literal else []
+    options = options or [hint]
+    for option in options:
+        if get_origin(option) is Literal:
+            if value in get_args(option):
+                return
+            choices = ", ".join(repr(c) for c in get_args(option))
+            raise ConfigError(f"{key} must be one of {choices}, got {value!r}")
+        if _is_instance(value, option):
+            return
+    raise ConfigError(f"{key} must be {_describe(options[0])}, got {value!r} ({_describe(type(value))})")
+
+
+def _is_instance(value, wanted) -> bool:
+    if wanted is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if wanted is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, wanted)
+
+
+def _describe(kind) -> str:
+    return {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        dict: "a table",
+        list: "a list",
+    }.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def _with_hint(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(known)})")
+
+
+def _absolute(value: str | None) -> str | None:
+    return str(Path(value).expanduser().resolve()) if value else value

@@ -58,6 +58,20 @@ def score_row(image_id: str, label: int, classes: list[str], **values) -> dict:
     return row
 
 
+def class_rows(
+    label: int, n: int, classes: list[str], off: int = 0, low: int = 0, prefix: str = "", **values
+) -> list[dict]:
+    """``n`` rows of one class: the first ``off`` off-object (energy 0.1), the next ``low``
+    low-agreement (Spearman 0.1), the rest clean."""
+    rows = []
+    for i in range(n):
+        energy = 0.1 if i < off else 0.8
+        agreement = 0.1 if off <= i < off + low else 0.9
+        image_id = f"{prefix}{classes[label]}{i}"
+        rows.append(score_row(image_id, label, classes, energy=energy, agreement=agreement, **values))
+    return rows
+
+
 def error_row(image_id: str, label_name: str, stage: str, error: str, **values) -> dict:
     return {
         "image_id": image_id,
@@ -80,6 +94,7 @@ def write_run(
     metadata: dict[str, pa.DataType] | None = None,
     input_size: tuple[int, int] = (48, 64),
     thresholds: dict | None = None,
+    model_sha: str = "0" * 64,
 ) -> Path:
     """A run directory holding ``rows`` in one explanations file, and a run.json that describes it."""
     manifest_fields = [
@@ -105,7 +120,7 @@ def write_run(
         "versions": {"cam-audit": "0.1.0", "torch": "2.11.0"},
         "model": {
             "checkpoint": "/models/model.pt",
-            "sha256": "0" * 64,
+            "sha256": model_sha,
             "arch": "resnet18",
             "classes": classes,
             "input_size": list(input_size),

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from audit.cli import main
 from audit.demo import DemoSettings, run_demo
+from audit.history import runs
 
 SMALL = DemoSettings(images=350, image_size=128, epochs=6)
 
@@ -44,4 +45,5 @@ def test_second_demo_reuses_data_and_model(first_demo):
     assert "reusing the synthetic images" in result.stderr and "reusing the model" in result.stderr
     assert (out / "model.pt").stat().st_mtime_ns == model_time
     assert result.stdout.strip().splitlines()[-1].startswith("Report: ")
-    assert len(list((out / "runs").iterdir())) == 2
+    assert len(runs(out / "runs")) == 2
+    assert (out / "runs" / "latest").resolve() == max(runs(out / "runs"))

@@ -23,23 +23,14 @@ from audit.report.aggregate import counted_pairs, group_bootstrap, indicators, s
 from audit.report.flags import assess, judge
 from audit.report.load import class_mean_maps, load_run
 from audit.report.thresholds import ThresholdError
-from tests.report_runs import MAP_SHAPE, error_row, score_row, write_run
+from tests.report_runs import MAP_SHAPE, class_rows, error_row, score_row, write_run
 
 CLASSES = ["akiec", "bcc", "df", "mel"]
 XSS = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>']
 
 
 def _class(label: int, n: int, off: int = 0, low: int = 0, prefix: str = "", **values) -> list[dict]:
-    """``n`` rows of one class: the first ``off`` off-object (energy 0.1), the next ``low``
-    low-agreement (Spearman 0.1), the rest clean."""
-    rows = []
-    for i in range(n):
-        energy = 0.1 if i < off else 0.8
-        agreement = 0.1 if off <= i < off + low else 0.9
-        rows.append(
-            score_row(f"{prefix}{CLASSES[label]}{i}", label, CLASSES, energy=energy, agreement=agreement, **values)
-        )
-    return rows
+    return class_rows(label, n, CLASSES, off, low, prefix, **values)
 
 
 def _stats(rows: list[dict], thresholds: Thresholds | None = None, proportional: bool = False):

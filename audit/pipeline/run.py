@@ -34,7 +34,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from audit.config import RunConfig
+from audit import history
+from audit.config import COMPUTED, RunConfig
 from audit.data import load_dataset
 from audit.data.manifest import BOX_COLUMNS, Dataset
 from audit.errors import AuditError, CheckpointError
@@ -44,7 +45,7 @@ from audit.pipeline.cluster import check_reachable, plan_resources, ray_cluster
 from audit.pipeline.schema import KEY, explanation_schema, to_table
 from audit.pipeline.stages import Explainer, decode_batch
 
-RUN_FILE = "run.json"
+RUN_FILE = history.RUN_FILE
 MANIFEST_FILE = "manifest.parquet"
 OUTPUT_DIR = "explanations"
 REJECTED_FILE = "rejected.parquet"
@@ -89,11 +90,20 @@ def run_audit(config: RunConfig, execution: Execution = Execution()) -> Path:
     return _execute(state, execution)
 
 
-def resume_audit(run_dir: Path, execution: Execution = Execution()) -> Path:
-    """Finish an interrupted run without recomputing its finished rows."""
+def resume_audit(run_dir: Path, execution: Execution = Execution(), changes: dict | None = None) -> Path:
+    """Finish an interrupted run without recomputing its finished rows.
+
+    ``changes`` may set the options that change no computed row (``batch_size``, ``fail_on``...)."""
     run_dir = Path(run_dir).resolve()
-    info = _read_info(run_dir)
+    info = read_info(run_dir)
     config = RunConfig.from_dict(info["config"])
+    fixed = sorted(k for k, v in (changes or {}).items() if k in COMPUTED and v != getattr(config, k))
+    if fixed:
+        raise RunError(f"--resume finishes a run as it started; it cannot change {', '.join(fixed)}")
+    if changes:
+        thresholds = {**config.thresholds, **changes.get("thresholds", {})}
+        config = config.updated(**{**changes, "thresholds": thresholds}).resolved()
+        info["config"] = config.to_dict()
     data, checkpoint, sha = _read_checkpoint(config.checkpoint)
     if sha != info["model"]["sha256"]:
         raise RunError(f"{config.checkpoint} changed since run {info['run_id']} started; start a new run instead")
@@ -123,11 +133,9 @@ def _prepare(config: RunConfig) -> RunState:
     fingerprint = _fingerprint(manifest, rejected)
     anatomy = inspect_model(load_model(checkpoint), checkpoint.input_size, config.target_layer, config.classifier)
     started = datetime.now(timezone.utc)
-    computed = {k: v for k, v in config.to_dict().items() if k != "thresholds"}  # thresholds change no row
-    digest = hashlib.sha256(json.dumps([computed, model_sha, fingerprint]).encode()).hexdigest()[:8]
-    run_id = f"{started:%Y%m%d-%H%M%S}-{digest}"
-    run_dir = Path(config.out) / run_id
-    (run_dir / OUTPUT_DIR).mkdir(parents=True, exist_ok=False)
+    digest = hashlib.sha256(json.dumps([config.computed, model_sha, fingerprint]).encode()).hexdigest()[:8]
+    run_dir = history.create_run_dir(Path(config.out) / config.audit_name, history.run_id(started, digest))
+    (run_dir / OUTPUT_DIR).mkdir()
 
     manifest = manifest.assign(kinds=[list(config.target_kinds)] * len(manifest))
     manifest.to_parquet(run_dir / MANIFEST_FILE, index=False)
@@ -136,7 +144,8 @@ def _prepare(config: RunConfig) -> RunState:
     pq.write_table(schema.empty_table(), run_dir / "schema.parquet")
     _write_atomic(_rejected_rows(rejected, config.target_kinds, schema), run_dir / OUTPUT_DIR / REJECTED_FILE)
     info = {
-        "run_id": run_id,
+        "run_id": run_dir.name,
+        "audit": config.audit_name,
         "status": "running",
         "started": started.isoformat(),
         "config": config.to_dict(),
@@ -319,6 +328,8 @@ def _finish(state: RunState, attempt: dict, began: float, status: str | None) ->
         "rows_per_second": round(counts["rows"] / seconds, 3) if seconds else None,
     }
     _write_info(state.run_dir, state.info)
+    if status == "complete":
+        history.mark_latest(state.run_dir)
     if status == "incomplete":
         raise RunError(f"run {state.run_dir} holds {counts['rows']} rows, expected {expected}; resume it with --resume")
 
@@ -416,7 +427,7 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
     partial.replace(path)
 
 
-def _read_info(run_dir: Path) -> dict:
+def read_info(run_dir: Path) -> dict:
     path = run_dir / RUN_FILE
     if not path.is_file():
         raise RunError(f"{run_dir} is not a run directory (no {RUN_FILE})")

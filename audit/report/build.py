@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from audit.report.compare import COMPARE_FILE, DEFAULT_TOLERANCE, Comparison, compare_runs
 from audit.report.figures import method_title
 from audit.report.flags import ICONS, STATUSES, ClassResult, assess, malignant_view
 from audit.report.html import GALLERY_FLAGGED, SIZE_WARNING_BYTES, malignant_summary, render_report
@@ -25,6 +26,7 @@ class ReportResult:
     results: list[ClassResult]
     html_bytes: int
     warnings: list[str] = field(default_factory=list)
+    comparison: Comparison | None = None
 
     @property
     def status(self) -> str:
@@ -39,8 +41,9 @@ class ReportResult:
         return self.run_dir / SUMMARY_FILE
 
     def reaches(self, level: str) -> bool:
-        """True when the run's status is ``level`` (warn|fail) or worse."""
-        return STATUSES.index(self.status) >= STATUSES.index(level)
+        """True when the run's status, or its comparison's, is ``level`` (warn|fail) or worse."""
+        compared = self.comparison is not None and self.comparison.reaches(level)
+        return compared or STATUSES.index(self.status) >= STATUSES.index(level)
 
     def headline(self) -> list[str]:
         """A few plain lines: the verdict, then one line per flagged class."""
@@ -54,7 +57,8 @@ class ReportResult:
                 also = f"; also {', '.join(method_title(m) for m in group.others)}" if group.others else ""
                 where = f"{result.label_name} ({result.target_kind})"
                 lines.append(f"  {ICONS[group.lead.status]} {where}: {describe(group.lead)}{also}")
-        return lines + self.warnings
+        compared = self.comparison.headline() if self.comparison is not None else []
+        return lines + compared + self.warnings
 
 
 def describe(flag) -> str:
@@ -72,16 +76,29 @@ def thresholds_of(run: RunData) -> Thresholds:
     return Thresholds.from_dict(run.info.get("config", {}).get("thresholds") or {})
 
 
-def build_report(run_dir: Path, overrides: dict | None = None, gallery: int = GALLERY_FLAGGED) -> ReportResult:
+def build_report(
+    run_dir: Path,
+    overrides: dict | None = None,
+    gallery: int = GALLERY_FLAGGED,
+    baseline: Path | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> ReportResult:
     """Aggregate, flag, and write ``summary.json`` and ``report.html`` into the run directory.
 
-    Thresholds are the run's own (its config, else the defaults) with ``overrides`` applied."""
+    Thresholds are the run's own (its config, else the defaults) with ``overrides`` applied. With
+    a ``baseline`` run, the run is also compared with it under the same thresholds: the report
+    gains a comparison section and ``compare.json`` is written beside it."""
     run = load_run(Path(run_dir))
     thresholds = thresholds_of(run).updated(**(overrides or {}))
     results = assess(run, thresholds)
+    comparison = None
+    if baseline is not None:
+        comparison = compare_runs(load_run(baseline), run, thresholds, tolerance, results)
     summary = make_summary(run, results, thresholds, malignant_summary(malignant_view(run, thresholds)))
-    html = render_report(run, results, summary, thresholds, gallery)
+    html = render_report(run, results, summary, thresholds, gallery, comparison)
     _write_atomic(run.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+    if comparison is not None:
+        _write_atomic(run.run_dir / COMPARE_FILE, json.dumps(comparison.to_dict(), indent=2))
     _write_atomic(run.run_dir / REPORT_FILE, html)
     size = len(html.encode("utf-8"))
     warnings = []
@@ -90,7 +107,7 @@ def build_report(run_dir: Path, overrides: dict | None = None, gallery: int = GA
             f"warning: {REPORT_FILE} is {size / 1e6:.0f} MB (over {SIZE_WARNING_BYTES / 1e6:.0f} MB); "
             "lower --gallery to make it lighter"
         )
-    return ReportResult(run.run_dir, summary, results, size, warnings)
+    return ReportResult(run.run_dir, summary, results, size, warnings, comparison)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -25,6 +25,7 @@ from audit.explain.methods import METHODS
 from audit.explain.metrics import LOCALIZED
 from audit.report import figures
 from audit.report.aggregate import ALL_PAIRS, GroupStats, counted_pairs, indicators, metadata_slices
+from audit.report.compare import Comparison, rate_name
 from audit.report.flags import ICONS, STATUSES, ClassResult
 from audit.report.load import RunData, class_mean_maps, map_array, read_maps
 from audit.report.thresholds import Thresholds
@@ -49,12 +50,17 @@ class Card:
 
 
 def render_report(
-    run: RunData, results: list[ClassResult], summary: dict, thresholds: Thresholds, gallery: int = GALLERY_FLAGGED
+    run: RunData,
+    results: list[ClassResult],
+    summary: dict,
+    thresholds: Thresholds,
+    gallery: int = GALLERY_FLAGGED,
+    comparison: Comparison | None = None,
 ) -> str:
     environment = Environment(
         loader=PackageLoader("audit.report"), autoescape=True, trim_blocks=True, lstrip_blocks=True
     )
-    environment.filters.update(pct=_pct, num=_num, ci=_ci, method=figures.method_title)
+    environment.filters.update(pct=_pct, num=_num, ci=_ci, delta=_delta, method=figures.method_title, rate=rate_name)
     script = resources.files("audit.report").joinpath("templates/report.js").read_text(encoding="utf-8")
     pairs = counted_pairs(run.proportional)
     flags = indicators(run.rows, thresholds, pairs)
@@ -75,6 +81,7 @@ def render_report(
         counted=pairs,
         localized=LOCALIZED,
         malignant=summary.get("malignant_vs_benign"),
+        comparison=comparison,
         errors=_errors(run.rows),
         script=script,
         script_hash=base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii"),
@@ -256,6 +263,14 @@ def _num(value, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "\u2013"
     return f"{value:.{digits}f}"
+
+
+def _delta(value) -> str:
+    """A change of a rate in points: ``+12``, ``-3``, ``0``."""
+    if value is None:
+        return "\u2013"
+    points = round(100 * value)
+    return f"{points:+d}" if points else "0"
 
 
 def _ci(rate: dict) -> str:

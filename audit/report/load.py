@@ -19,9 +19,9 @@ import pyarrow.dataset as ds
 from audit.data.manifest import BOX_COLUMNS
 from audit.errors import AuditError
 from audit.explain.methods import METHODS
+from audit.history import RUN_FILE, resolve_run
 from audit.pipeline.schema import AGREEMENT_COLUMNS, LOC_DELTA_COLUMNS, LOCALIZATION_COLUMNS, MAP_COLUMNS
 
-RUN_FILE = "run.json"
 OUTPUT_DIR = "explanations"
 
 ROW_COLUMNS = (
@@ -96,10 +96,9 @@ class RunData:
 
 
 def load_run(run_dir: Path) -> RunData:
-    run_dir = Path(run_dir)
+    """A run's facts and score columns; ``run_dir`` may be a ``latest`` or ``baseline`` pointer."""
+    run_dir = resolve_run(run_dir)
     info_path = run_dir / RUN_FILE
-    if not info_path.is_file():
-        raise ReportInputError(f"{run_dir} is not a run directory (no {RUN_FILE})")
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
         info["model"]["classes"]

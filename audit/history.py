@@ -1,0 +1,141 @@
+"""Run history: where an audit's runs live, which is the latest, which is the baseline, which may go.
+
+An audit named N keeps its runs in ``OUT/N/``, one folder per run. A run id is the UTC start
+time and a short hash of what the run computes (its computing options, the model's sha256 and
+the dataset's fingerprint): ``20261122-031500-3f2a9c1e``. Ids sort by time, and two runs with
+the same hash computed the same thing. Beside the runs, two pointers name a run by its id:
+
+* ``latest``: the newest complete run, moved when a run completes;
+* ``baseline``: the run that later runs are compared with, set by ``audit baseline RUN_DIR``.
+
+A pointer is a relative symbolic link (``cat OUT/N/latest/summary.json`` works), or a one-line
+text file holding the run id where the filesystem has no symbolic links. ``--keep K`` deletes the
+oldest runs beyond the newest K, but never a run a pointer names, the baseline a run was compared
+with, or a run that is still running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+from audit.errors import AuditError
+
+RUN_FILE = "run.json"
+LATEST = "latest"
+BASELINE = "baseline"
+POINTERS = (LATEST, BASELINE)
+
+
+class HistoryError(AuditError):
+    """A run or a pointer that cannot be found or used."""
+
+
+def run_id(started: datetime, digest: str) -> str:
+    """``YYYYMMDD-HHMMSS-<digest>`` from a UTC time: ids sort by start time."""
+    return f"{started:%Y%m%d-%H%M%S}-{digest}"
+
+
+def create_run_dir(history: Path, wanted_id: str) -> Path:
+    """A new, empty run folder; a second run with the same id in the same second gets ``-2``, ``-3``..."""
+    history.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        candidate = history / (wanted_id if attempt == 1 else f"{wanted_id}-{attempt}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise HistoryError(f"cannot create a run folder for {wanted_id} in {history}")
+
+
+def is_run(path: Path) -> bool:
+    return (path / RUN_FILE).is_file()
+
+
+def resolve_run(path: Path) -> Path:
+    """The run folder ``path`` names: a run folder itself, or a ``latest``/``baseline`` pointer."""
+    path = Path(path).expanduser()
+    if path.is_file() and path.name in POINTERS:
+        path = path.parent / path.read_text(encoding="utf-8").strip()
+    path = path.resolve()
+    if not path.exists():
+        raise HistoryError(f"no run at {path}")
+    if not is_run(path):
+        raise HistoryError(f"{path} is not a run directory (no {RUN_FILE})")
+    return path
+
+
+def pointed(history: Path, pointer: str) -> Path | None:
+    """The run a pointer names, or None when there is no pointer or its run is gone."""
+    link = history / pointer
+    if not (link.is_symlink() or link.is_file()):
+        return None
+    try:
+        return resolve_run(link)
+    except HistoryError:
+        return None
+
+
+def point(history: Path, pointer: str, run_dir: Path) -> Path:
+    """Make ``history/pointer`` name ``run_dir`` (a run of this history), atomically."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir.parent != Path(history).resolve():
+        raise HistoryError(f"{run_dir} is not a run of {history}")
+    link = history / pointer
+    partial = history / f".{pointer}.tmp"
+    partial.unlink(missing_ok=True)
+    try:
+        partial.symlink_to(run_dir.name, target_is_directory=True)
+    except OSError:  # no symbolic links on this filesystem
+        partial.write_text(run_dir.name + "\n", encoding="utf-8")
+    os.replace(partial, link)
+    return link
+
+
+def mark_latest(run_dir: Path) -> None:
+    """Point ``latest`` at a run that completed, unless a newer run already holds it."""
+    history = run_dir.parent
+    current = pointed(history, LATEST)
+    if current is None or current.name <= run_dir.name:
+        point(history, LATEST, run_dir)
+
+
+def runs(history: Path) -> list[Path]:
+    """The run folders of a history, oldest first."""
+    if not history.is_dir():
+        return []
+    return sorted((p for p in history.iterdir() if p.is_dir() and not p.is_symlink() and is_run(p)), key=_order)
+
+
+def prune(history: Path, keep: int, protect: tuple[Path, ...] = ()) -> list[Path]:
+    """Delete the runs older than the newest ``keep``; returns what was deleted.
+
+    Never deleted: the runs that a pointer or ``protect`` names, and runs still running (another
+    job may be writing them)."""
+    protected = {p.resolve() for p in protect if p is not None}
+    protected |= {run for run in (pointed(history, p) for p in POINTERS) if run is not None}
+    candidates = runs(history)[:-keep] if keep else runs(history)
+    deleted = []
+    for run in candidates:
+        if run.resolve() in protected or _status(run) == "running":
+            continue
+        shutil.rmtree(run)
+        deleted.append(run)
+    return deleted
+
+
+def _status(run: Path) -> str | None:
+    try:
+        return json.loads((run / RUN_FILE).read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def _order(run: Path) -> tuple[str, int]:
+    """By id; ``-2`` suffixes (same second, same hash) after their first."""
+    base, _, suffix = run.name.rpartition("-")
+    return (base, int(suffix)) if suffix.isdigit() and len(suffix) < 4 else (run.name, 1)

@@ -1,0 +1,128 @@
+"""`audit run --config FILE.toml`: every option of the command, validated key by key, flags on top."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from audit.cli import run_command
+from audit.config import COMPUTED, ConfigError, RunConfig, build_config, read_config_file
+from audit.pipeline.run import RunError, resume_audit
+from audit.report.thresholds import ThresholdError, Thresholds
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+NOT_CONFIG = {"config_file", "resume_dir", "batch_delay"}  # what to do, not how: command line only
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "audit.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_every_option_of_audit_run_is_a_config_key_and_back():
+    options = {p.name for p in run_command.params} - NOT_CONFIG
+    thresholds = {name for name in options if name.startswith("threshold_")}
+    fields = set(RunConfig.__dataclass_fields__)
+    assert options - thresholds == fields - {"thresholds"}
+    assert {name.removeprefix("threshold_") for name in thresholds} == set(Thresholds.__dataclass_fields__)
+    assert set(COMPUTED) < fields
+
+
+def test_a_file_sets_options_and_resolves_paths_against_its_folder(tmp_path):
+    path = _write(
+        tmp_path,
+        """
+dataset = "synthetic"
+data_dir = "data"
+checkpoint = "models/model.pt"
+out = "../runs"
+batch_size = 8
+targets = "both"
+report = false
+tolerance = 0
+[thresholds]
+off_object_warn = 0.3
+""",
+    )
+    config = build_config(path, {})
+    assert config.data_dir == str(tmp_path / "data") and config.checkpoint == str(tmp_path / "models" / "model.pt")
+    assert config.out == str(tmp_path.parent / "runs")
+    assert (config.batch_size, config.targets, config.report, config.tolerance) == (8, "both", False, 0)
+    assert config.thresholds == {"off_object_warn": 0.3} and config.audit_name == "synthetic"
+
+
+def test_command_line_flags_override_the_file_and_thresholds_merge(tmp_path):
+    path = _write(
+        tmp_path,
+        'dataset = "synthetic"\ncheckpoint = "/m.pt"\nbatch_size = 8\n'
+        "[thresholds]\noff_object_warn = 0.3\nmin_rows = 5\n",
+    )
+    config = build_config(path, {"batch_size": 2, "thresholds": {"min_rows": 20}})
+    assert config.batch_size == 2 and config.thresholds == {"off_object_warn": 0.3, "min_rows": 20}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("bach_size = 4", r"audit.toml: unknown option 'bach_size' \(did you mean 'batch_size'\?\)"),
+        ('batch_size = "4"', r"audit.toml: batch_size must be an integer, got '4' \(a string\)"),
+        ("batch_size = 4.5", "batch_size must be an integer, got 4.5"),
+        ("report = 1", "report must be true or false, got 1"),
+        ('targets = "all"', "targets must be one of 'pred', 'label', 'both', got 'all'"),
+        ("limit = 0", "limit must be >= 1, got 0"),
+        ("thresholds = 3", "thresholds must be a table"),
+        ("data_dir = ['a']", r"data_dir must be a string, got \['a'\] \(a list\)"),
+        ("[thresholds]\noff_object = 0.3", "unknown thresholds: off_object"),
+        ("[thresholds]\nmin_rows = 2.5", "threshold min_rows must be an integer"),
+        ("[thresholds]\noff_object_warn = 0.9", r"off_object_warn \(0.9\) must not exceed off_object_fail"),
+        ("batch_size = ", "is not valid TOML"),
+    ],
+)
+def test_bad_keys_and_values_are_errors_that_name_the_key(tmp_path, text, message):
+    path = _write(tmp_path, f'dataset = "synthetic"\ncheckpoint = "m.pt"\n{text}\n')
+    with pytest.raises((ConfigError, ThresholdError), match=message):
+        build_config(path, {})
+
+
+def test_a_missing_file_or_option_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        read_config_file(tmp_path / "absent.toml")
+    with pytest.raises(ConfigError, match="needs --checkpoint"):
+        build_config(_write(tmp_path, 'dataset = "synthetic"'), {})
+
+
+def test_the_documented_example_is_valid():
+    data = read_config_file(JOBS / "ham10000.toml")
+    config = build_config(JOBS / "ham10000.toml", {})
+    assert config.dataset == "ham10000" and config.keep == 30 and config.fail_on == "fail"
+    assert config.baseline == "/reports/ham10000-nightly/baseline" and "thresholds" in data
+
+
+def test_cli_reads_the_file_and_its_flags_win(tmp_path):
+    """Through the real command: an unreachable address from the file, then one from the command line."""
+    path = _write(tmp_path, f'dataset = "synthetic"\ncheckpoint = "m.pt"\nout = "{tmp_path / "runs"}"\n')
+    path.write_text(path.read_text() + 'address = "127.0.0.1:1"\n')
+    command = [sys.executable, "-m", "audit.cli", "run", "--config", str(path)]
+    from_file = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert from_file.returncode == 2 and "127.0.0.1:1" in from_file.stderr, from_file.stderr
+    flag = subprocess.run([*command, "--address", "127.0.0.1:2"], capture_output=True, text=True, timeout=120)
+    assert flag.returncode == 2 and "127.0.0.1:2" in flag.stderr, flag.stderr
+    bad = subprocess.run([*command, "--resume", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "leave out --config" in bad.stderr
+    typo = _write(tmp_path, "dataset = 3\n")
+    wrong = subprocess.run([*command[:-1], str(typo)], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and wrong.stderr.startswith("error: ") and "dataset must be a string" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_cannot_change_what_a_run_computes(tmp_path):
+    config = RunConfig(dataset="synthetic", checkpoint=str(tmp_path / "m.pt"), masks="auto")
+    (tmp_path / "run.json").write_text(json.dumps({"run_id": "r", "config": config.to_dict()}))
+    with pytest.raises(RunError, match="cannot change masks"):
+        resume_audit(tmp_path, changes={"masks": "none", "batch_size": 4})
