@@ -1,0 +1,209 @@
+"""jobs/: the KubeRay manifests carry what KubeRay needs, and jobs/submit.sh runs a real audit as a
+Ray job on a Ray head that the test starts on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from audit.cli import run_command
+from audit.config import read_config_file
+from audit.data.ham10000 import CLASSES
+from audit.data.synthetic import SyntheticSpec, generate
+from audit.history import BASELINE, LATEST, point, pointed, runs
+from audit.models.checkpoint import save_random_checkpoint
+from tests.report_runs import class_rows, write_run
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+CRON_FIELD = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?(,(\*|\d+(-\d+)?)(/\d+)?)*$")
+
+
+def _documents(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((JOBS / name).read_text()) if d]
+
+
+def _only(name: str, kind: str) -> dict:
+    (document,) = [d for d in _documents(name) if d["kind"] == kind]
+    assert document["apiVersion"] == "ray.io/v1" and document["metadata"]["name"]
+    return document
+
+
+def _check_pod(template: dict, gpu: bool) -> dict:
+    """A pod template with a container image, every mounted volume defined, GPUs where wanted."""
+    spec = template["spec"]
+    (container,) = spec["containers"]
+    assert container["name"] and container["image"]
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+    assert set(mounts) <= set(volumes), f"volume mounts without a volume: {set(mounts) - set(volumes)}"
+    limits = container["resources"]["limits"]
+    assert ("nvidia.com/gpu" in limits) is gpu
+    return {"mounts": mounts, "volumes": volumes}
+
+
+def _check_rayjob_spec(spec: dict) -> None:
+    assert spec["shutdownAfterJobFinishes"] is True
+    command = shlex.split(spec["entrypoint"])
+    assert command[:3] == ["audit", "run", "--config"]
+    run_command.make_context("run", command[2:])  # the options exist and parse
+    cluster = spec["rayClusterSpec"]
+    head = _check_pod(cluster["headGroupSpec"]["template"], gpu=False)
+    config = Path(command[3])
+    config_volume = next(name for name, path in head["mounts"].items() if path == str(config.parent))
+    assert head["volumes"][config_volume]["configMap"]["name"]
+    assert (JOBS / config.name).is_file()  # the ConfigMap is made from this file
+    toml = read_config_file(JOBS / config.name)
+    for key in ("data_dir", "checkpoint", "out"):  # the config's paths lie on the head's volumes
+        assert any(toml[key].startswith(path) for path in head["mounts"].values()), key
+    workers = cluster["workerGroupSpecs"]
+    assert workers and all(w["groupName"] for w in workers)
+    for group in workers:
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        pod = _check_pod(group["template"], gpu=True)
+        assert any(toml["data_dir"].startswith(path) for path in pod["mounts"].values())  # decoding runs here
+
+
+def test_rayjob_manifest_has_what_kuberay_requires():
+    _check_rayjob_spec(_only("rayjob.yaml", "RayJob")["spec"])
+
+
+def test_raycronjob_manifest_schedules_the_same_job_nightly():
+    cron = _only("raycronjob.yaml", "RayCronJob")
+    fields = cron["spec"]["schedule"].split()
+    assert len(fields) == 5 and all(CRON_FIELD.match(f) for f in fields)
+    assert fields[2:] == ["*", "*", "*"] and fields[1] != "*"  # once a day
+    _check_rayjob_spec(cron["spec"]["jobTemplate"])
+    assert cron["spec"]["jobTemplate"] == _only("rayjob.yaml", "RayJob")["spec"]  # one job, two ways to start it
+    assert "RayCronJob" in (JOBS / "raycronjob.yaml").read_text().split("apiVersion")[0]  # the feature gate is named
+
+
+# --- a real Ray job ---------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A Ray head with its job server on 127.0.0.1, started by `ray start` as an operator would."""
+    bin_dir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+    }
+    dashboard = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    head = subprocess.Popen(
+        [
+            str(bin_dir / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={_free_port()}",
+            f"--ray-client-server-port={_free_port()}",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+            f"--temp-dir={temp_dir}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2).close()
+            break
+        except urllib.error.HTTPError:  # it answers (asking for the token): it is up
+            break
+        except OSError:
+            assert head.poll() is None, "ray start --head exited"
+            time.sleep(1)
+    else:
+        pytest.fail("the Ray head did not come up in 120 s")
+    yield {**env, "RAY_ADDRESS": address}
+    head.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+    subprocess.run(["rm", "-rf", temp_dir], check=False)
+
+
+def _hand_made_run(history: Path, run_id: str) -> Path:
+    rows = [row for label in range(len(CLASSES)) for row in class_rows(label, 3, list(CLASSES))]
+    return write_run(history / run_id, rows, list(CLASSES), input_size=(64, 64))
+
+
+def test_submit_recipe_runs_an_audit_as_a_ray_job(ray_head, tmp_path):
+    data = generate(tmp_path / "data", SyntheticSpec(images=24, height=48, width=64, seed=3), workers=1)
+    checkpoint = tmp_path / "model.pt"
+    save_random_checkpoint(checkpoint, "resnet18", CLASSES, (64, 64))
+    history = tmp_path / "reports" / "nightly"
+    pinned = _hand_made_run(history, "20200101-000000-aaaaaaaa")
+    old = _hand_made_run(history, "20200102-000000-bbbbbbbb")
+    point(history, BASELINE, pinned)
+    config = tmp_path / "job" / "nightly.toml"
+    config.parent.mkdir()
+    config.write_text(
+        "\n".join(
+            [
+                'dataset = "synthetic"',
+                f'data_dir = "{data}"',
+                f'checkpoint = "{checkpoint}"',
+                f'out = "{tmp_path / "reports"}"',
+                'name = "nightly"',
+                "batch_size = 8",
+                "keep = 1",
+                f'baseline = "{history / BASELINE}"',
+                "gallery = 1",
+            ]
+        )
+    )
+    submitted = subprocess.run(
+        ["bash", str(JOBS / "submit.sh"), str(config)],
+        env=ray_head,
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
+    output = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0, output[-4000:]
+    assert "succeeded" in output
+
+    (new,) = [run for run in runs(history) if run not in (pinned, old)]
+    info = json.loads((new / "run.json").read_text())
+    assert info["status"] == "complete" and info["counts"]["rows"] == 24 and info["audit"] == "nightly"
+    assert (new / "summary.json").is_file() and (new / "report.html").is_file()
+    assert str(new) in output  # the run directory is the job's last line
+    compared = json.loads((new / "compare.json").read_text())
+    assert compared["baseline_run_id"] == pinned.name
+    assert pointed(history, LATEST) == new.resolve()
+    assert runs(history) == [pinned, new]  # --keep 1: the old run went, the pinned baseline stayed
