@@ -85,3 +85,15 @@ def test_baseline_command_pins_a_run(tmp_path):
     assert prune(tmp_path, keep=1) == []  # the newest and the baseline: nothing else to delete
     missing = CliRunner().invoke(main, ["baseline", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "no run at" in missing.stderr
+
+
+def test_a_baseline_pointer_not_yet_set_is_skipped_but_a_missing_run_is_an_error(tmp_path, capsys):
+    from audit.cli import _baseline
+
+    assert _baseline(str(tmp_path / "nightly" / BASELINE)) is None  # the first night: nothing pinned yet
+    assert "not compared with a baseline" in capsys.readouterr().err
+    with pytest.raises(HistoryError, match="no run at"):
+        _baseline(str(tmp_path / "nightly" / "20261101-020000-00000000"))
+    (run,) = _history(tmp_path / "nightly", 1)
+    point(tmp_path / "nightly", BASELINE, run)
+    assert _baseline(str(tmp_path / "nightly" / BASELINE)) == run.resolve()
