@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import click
 
 from audit import __version__
-from audit.config import MASKS, TARGETS
+from audit.config import DATASETS, MASKS, TARGETS
 from audit.errors import AuditError
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ def _thresholds(options: dict) -> dict:
     return {k[len(prefix) :]: v for k, v in options.items() if k.startswith(prefix) and v is not None}
 
 
-DATASET_CHOICE = click.Choice(["ham10000", "imagefolder", "manifest", "synthetic"])
+DATASET_CHOICE = click.Choice(DATASETS)
 FAIL_ON = click.option(
     "--fail-on",
     type=click.Choice(["warn", "fail"]),
@@ -170,9 +170,7 @@ TOLERANCE = click.option(
     help="compare with this run (a run folder or a baseline/latest pointer)",
 )
 @TOLERANCE
-@click.option(
-    "--resume", "resume_dir", type=click.Path(path_type=Path, file_okay=False), help="finish an interrupted run"
-)
+@click.option("--resume", "resume_dir", type=click.Path(path_type=Path), help="finish an interrupted run")
 @click.option("--report/--no-report", default=None, help="end with the report stage [default: report]")
 @click.option("--batch-delay", default=0.0, type=float, hidden=True, help="tests: seconds of sleep per batch")
 @FAIL_ON
@@ -196,7 +194,7 @@ def run_command(ctx: click.Context, config_file: Path | None, resume_dir: Path |
     without recomputing.
     """
     from audit.config import build_config
-    from audit.history import prune
+    from audit.history import prune, resolve_run
     from audit.pipeline.run import Execution, resume_audit, run_audit
 
     typed = _typed(ctx)
@@ -208,12 +206,15 @@ def run_command(ctx: click.Context, config_file: Path | None, resume_dir: Path |
         if resume_dir is not None:
             if config_file is not None:
                 raise AuditError("--resume takes the run's own configuration; leave out --config")
-            run_dir = resume_audit(resume_dir, execution, typed)
+            if "baseline" in typed:
+                typed["baseline"] = _baseline(typed["baseline"])
+            run_dir = resume_audit(resolve_run(resume_dir), execution, typed)
             config = _run_config(run_dir)
         else:
             config = build_config(config_file, typed)
-            baseline = _baseline(config.baseline)  # fails before anything is computed
-            run_dir = run_audit(config.updated(baseline=str(baseline) if baseline else None), execution)
+            # resolved now, before anything is computed and before this run moves `latest`
+            config = config.updated(baseline=_baseline(config.baseline))
+            run_dir = run_audit(config, execution)
     except KeyboardInterrupt:
         click.echo("interrupted: finish the run with `audit run --resume RUN_DIR`", err=True)
         sys.exit(130)
@@ -229,8 +230,8 @@ def run_command(ctx: click.Context, config_file: Path | None, resume_dir: Path |
         sys.exit(1)
 
 
-def _baseline(path: str | None) -> Path | None:
-    """The run to compare with; a ``baseline``/``latest`` pointer not yet set means none (first run)."""
+def _baseline(path: str | None) -> str | None:
+    """The run folder to compare with; a ``baseline``/``latest`` pointer not yet set means none (first run)."""
     from audit.history import POINTERS, resolve_run
 
     if not path:
@@ -239,7 +240,7 @@ def _baseline(path: str | None) -> Path | None:
     if pointer.name in POINTERS and not (pointer.exists() or pointer.is_symlink()):
         click.echo(f"note: nothing at {pointer} yet, so this run is not compared with a baseline", err=True)
         return None
-    return resolve_run(pointer)
+    return str(resolve_run(pointer))
 
 
 def _run_config(run_dir: Path):
@@ -250,7 +251,7 @@ def _run_config(run_dir: Path):
 
 
 @main.command("report")
-@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("run_dir", type=click.Path(path_type=Path))
 @FAIL_ON
 @GALLERY
 @click.option("--json", "as_json", is_flag=True, help="print summary.json instead of the verdict lines")
@@ -289,7 +290,7 @@ def compare_command(
 
     Both runs are judged with RUN's thresholds (its config, then the ones given here). A class
     regressed when a rate rose by more than --tolerance. Writes compare.json into RUN and
-    renders RUN's report.html again with a comparison section. Either argument may be a run
+    writes RUN's summary.json and report.html again (with a comparison section). Either argument may be a run
     folder or a `latest`/`baseline` pointer. Exits 0 when the comparison does not reach
     --fail-on (regressed: fail; new flags only: warn), 1 when it does, 2 on bad input.
     """

@@ -10,6 +10,8 @@ name the key (see ``jobs/ham10000.toml``).
 from __future__ import annotations
 
 import difflib
+import math
+import re
 import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -22,6 +24,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+DATASETS = ("ham10000", "imagefolder", "manifest", "synthetic")
 TARGETS = ("pred", "label", "both")
 MASKS = ("auto", "provided", "estimate", "none")
 REQUIRED = ("dataset", "checkpoint")
@@ -58,15 +61,15 @@ class RunConfig:
     metrics (:mod:`audit.explain.metrics`).
 
     How to run it and what to do with it: ``name`` is the audit's name: runs go to
-    ``out/name/<run_id>/`` (default name: the dataset's). ``actors``: explain actors (default:
-    one per GPU, else one per node). ``keep``: how many runs of this audit to keep (the
-    baseline and the ``latest`` run are never deleted). ``baseline``: a run to compare with at
-    the end. ``fail_on``: exit 1 when the report, or the comparison, reaches this status.
-    ``thresholds``: the report's flag thresholds that differ from the defaults
-    (:class:`audit.report.Thresholds`). None of these changes a computed row.
+    ``out/name/<run_id>/`` (default: the name of ``data_dir``, else the dataset kind).
+    ``actors``: explain actors (default: one per GPU, else one per node). ``keep``: how many
+    runs of this audit to keep (the baseline and the ``latest`` run are never deleted).
+    ``baseline``: a run to compare with at the end. ``fail_on``: exit 1 when the report, or the
+    comparison, reaches this status. ``thresholds``: the report's flag thresholds that differ
+    from the defaults (:class:`audit.report.Thresholds`). None of these changes a computed row.
     """
 
-    dataset: str
+    dataset: Literal["ham10000", "imagefolder", "manifest", "synthetic"]
     checkpoint: str
     data_dir: str | None = None
     out: str = "reports"
@@ -113,8 +116,10 @@ class RunConfig:
             raise ConfigError(f"gradcampp_eps must be >= 0, got {self.gradcampp_eps}")
         if self.gallery < 0:
             raise ConfigError(f"gallery must be >= 0, got {self.gallery}")
-        if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
-            raise ConfigError(f"name must be a plain folder name, got {self.name!r}")
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise ConfigError(f"name must be a folder name of letters, digits, '.', '_' and '-', got {self.name!r}")
+        if not self.report and (self.fail_on or self.baseline):
+            raise ConfigError("fail_on and baseline need the report stage: leave report on (or drop them)")
 
     @property
     def target_kinds(self) -> tuple[str, ...]:
@@ -122,7 +127,8 @@ class RunConfig:
 
     @property
     def audit_name(self) -> str:
-        return self.name or self.dataset
+        """``name``, else the dataset's folder (or file) name, else the dataset kind."""
+        return self.name or (Path(self.data_dir).stem if self.data_dir else self.dataset)
 
     @property
     def computed(self) -> dict:
@@ -220,12 +226,13 @@ def _check_type(key: str, value, hint) -> None:
             raise ConfigError(f"{key} must be one of {choices}, got {value!r}")
         if _is_instance(value, option):
             return
-    raise ConfigError(f"{key} must be {_describe(options[0])}, got {value!r} ({_describe(type(value))})")
+    got = "" if isinstance(value, float) and not math.isfinite(value) else f" ({_describe(type(value))})"
+    raise ConfigError(f"{key} must be {_describe(options[0])}, got {value!r}{got}")
 
 
 def _is_instance(value, wanted) -> bool:
     if wanted is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if wanted is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, wanted)
@@ -234,7 +241,7 @@ def _is_instance(value, wanted) -> bool:
 def _describe(kind) -> str:
     return {
         int: "an integer",
-        float: "a number",
+        float: "a finite number",
         str: "a string",
         bool: "true or false",
         dict: "a table",

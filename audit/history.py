@@ -11,14 +11,20 @@ the same hash computed the same thing. Beside the runs, two pointers name a run 
 A pointer is a relative symbolic link (``cat OUT/N/latest/summary.json`` works), or a one-line
 text file holding the run id where the filesystem has no symbolic links. ``--keep K`` deletes the
 oldest runs beyond the newest K, but never a run a pointer names, the baseline a run was compared
-with, or a run that is still running.
+with, a run that is still running, or the baseline a running run compares with. Moving a
+pointer and deleting runs take a lock on the history, so concurrent runs of one audit are safe.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -28,6 +34,8 @@ RUN_FILE = "run.json"
 LATEST = "latest"
 BASELINE = "baseline"
 POINTERS = (LATEST, BASELINE)
+LOCK_FILE = ".lock"
+NO_SYMLINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EACCES)
 
 
 class HistoryError(AuditError):
@@ -86,11 +94,12 @@ def point(history: Path, pointer: str, run_dir: Path) -> Path:
     if run_dir.parent != Path(history).resolve():
         raise HistoryError(f"{run_dir} is not a run of {history}")
     link = history / pointer
-    partial = history / f".{pointer}.tmp"
-    partial.unlink(missing_ok=True)
+    partial = history / f".{pointer}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         partial.symlink_to(run_dir.name, target_is_directory=True)
-    except OSError:  # no symbolic links on this filesystem
+    except OSError as exc:
+        if exc.errno not in NO_SYMLINKS:
+            raise
         partial.write_text(run_dir.name + "\n", encoding="utf-8")
     os.replace(partial, link)
     return link
@@ -99,9 +108,10 @@ def point(history: Path, pointer: str, run_dir: Path) -> Path:
 def mark_latest(run_dir: Path) -> None:
     """Point ``latest`` at a run that completed, unless a newer run already holds it."""
     history = run_dir.parent
-    current = pointed(history, LATEST)
-    if current is None or current.name <= run_dir.name:
-        point(history, LATEST, run_dir)
+    with _locked(history):
+        current = pointed(history, LATEST)
+        if current is None or _order(current) <= _order(run_dir):
+            point(history, LATEST, run_dir)
 
 
 def runs(history: Path) -> list[Path]:
@@ -111,28 +121,46 @@ def runs(history: Path) -> list[Path]:
     return sorted((p for p in history.iterdir() if p.is_dir() and not p.is_symlink() and is_run(p)), key=_order)
 
 
-def prune(history: Path, keep: int, protect: tuple[Path, ...] = ()) -> list[Path]:
+def prune(history: Path, keep: int, protect: tuple[Path | None, ...] = ()) -> list[Path]:
     """Delete the runs older than the newest ``keep``; returns what was deleted.
 
-    Never deleted: the runs that a pointer or ``protect`` names, and runs still running (another
-    job may be writing them)."""
-    protected = {p.resolve() for p in protect if p is not None}
-    protected |= {run for run in (pointed(history, p) for p in POINTERS) if run is not None}
-    candidates = runs(history)[:-keep] if keep else runs(history)
-    deleted = []
-    for run in candidates:
-        if run.resolve() in protected or _status(run) == "running":
-            continue
-        shutil.rmtree(run)
-        deleted.append(run)
-    return deleted
+    Never deleted: the runs that a pointer or ``protect`` names, runs still running (another job
+    may be writing them) and the baselines those running runs compare with. A run killed hard
+    stays ``running`` until it is resumed or deleted by hand."""
+    with _locked(history):
+        protected = {p.resolve() for p in protect if p is not None}
+        protected |= {run for run in (pointed(history, p) for p in POINTERS) if run is not None}
+        candidates = runs(history)
+        for run in candidates:
+            info = _info(run)
+            if info.get("status") == "running" and (info.get("config") or {}).get("baseline"):
+                protected.add(Path(info["config"]["baseline"]).resolve())
+        deleted = []
+        for run in candidates[:-keep] if keep else candidates:
+            if run.resolve() in protected or _info(run).get("status") == "running":
+                continue
+            shutil.rmtree(run, ignore_errors=True)
+            deleted.append(run)
+        return deleted
 
 
-def _status(run: Path) -> str | None:
+@contextmanager
+def _locked(history: Path) -> Iterator[None]:
+    """One process at a time moves pointers or deletes runs in a history."""
+    history.mkdir(parents=True, exist_ok=True)
+    with open(history / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _info(run: Path) -> dict:
     try:
-        return json.loads((run / RUN_FILE).read_text(encoding="utf-8")).get("status")
+        return json.loads((run / RUN_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
+        return {}
 
 
 def _order(run: Path) -> tuple[str, int]:

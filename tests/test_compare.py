@@ -4,10 +4,12 @@ runs that differ in model or classes, the report section, compare.json and the e
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from audit import history
 from audit.cli import main
 from audit.report import Thresholds, build_report
 from audit.report.compare import compare_runs
@@ -128,3 +130,59 @@ def test_the_run_gate_counts_the_comparison(runs):
     assert alone.status == "warn" and not alone.reaches("fail")  # bcc's new flag is a warning on its own
     assert compared.reaches("fail")  # ...and a regression against the baseline
     assert any(line.startswith("compared with 20261120-010000-aaaaaaaa: FAIL") for line in compared.headline())
+
+
+# --- audit run with a baseline: the command's own steps, with the Ray job replaced by a hand-made run ----
+
+
+@pytest.fixture
+def fake_job(monkeypatch):
+    """`audit run` whose job writes a hand-made run (bcc 50% off-object) into the audit's history."""
+
+    def run_audit(config, execution):
+        run_dir = history.create_run_dir(Path(config.out) / config.audit_name, "20261122-020000-cccccccc")
+        write_run(run_dir, _rows(CLASSES, {"bcc": 20}), CLASSES)
+        history.mark_latest(run_dir)
+        return run_dir
+
+    monkeypatch.setattr("audit.pipeline.run.run_audit", run_audit)
+    return ["run", "--dataset", "synthetic", "--checkpoint", "m.pt", "--name", "nightly", "--gallery", "0"]
+
+
+def test_run_compares_with_latest_as_it_was_before_the_run_and_keeps_it(fake_job, tmp_path):
+    previous = write_run(tmp_path / "nightly" / "20261121-020000-bbbbbbbb", _rows(CLASSES, {}), CLASSES)
+    history.mark_latest(previous)
+    latest = tmp_path / "nightly" / "latest"
+    result = CliRunner().invoke(main, [*fake_job, "--out", str(tmp_path), "--baseline", str(latest), "--keep", "1"])
+    assert result.exit_code == 0, result.output
+    new = Path(result.stdout.strip().splitlines()[-1])
+    assert json.loads((new / "compare.json").read_text())["baseline_run_id"] == previous.name
+    assert latest.resolve() == new.resolve() and previous.is_dir()  # the baseline in use is kept
+    gated = CliRunner().invoke(
+        main, [*fake_job, "--out", str(tmp_path), "--baseline", str(previous), "--fail-on", "fail"]
+    )
+    assert gated.exit_code == 1, gated.output  # bcc regressed against the baseline
+
+
+def test_run_with_a_baseline_pointer_not_yet_set_runs_without_comparing(fake_job, tmp_path):
+    pointer = tmp_path / "nightly" / "baseline"
+    result = CliRunner().invoke(main, [*fake_job, "--out", str(tmp_path), "--baseline", str(pointer)])
+    assert result.exit_code == 0, result.output
+    assert "not compared with a baseline" in result.stderr
+    assert not (Path(result.stdout.strip().splitlines()[-1]) / "compare.json").exists()
+
+
+def test_a_later_report_keeps_the_comparison_in_step(runs):
+    baseline, run = runs
+    build_report(run, gallery=0, baseline=baseline, tolerance=0.6)
+    again = build_report(run, gallery=0, overrides={"energy_min": 0.05})  # nothing is off-object now
+    assert again.comparison is not None and again.comparison.baseline_id == baseline.name
+    assert json.loads((run / "compare.json").read_text())["tolerance"] == 0.6
+    assert json.loads((run / "compare.json").read_text())["status"] == "pass"
+
+
+def test_runs_that_share_no_class_cannot_be_compared(tmp_path):
+    baseline = write_run(tmp_path / "b", _rows(["a", "b"], {}), ["a", "b"])
+    run = write_run(tmp_path / "r", _rows(["c", "d"], {}), ["c", "d"])
+    result = CliRunner().invoke(main, ["compare", str(baseline), str(run)])
+    assert result.exit_code == 2 and "nothing to compare" in result.stderr

@@ -53,7 +53,7 @@ off_object_warn = 0.3
     assert config.data_dir == str(tmp_path / "data") and config.checkpoint == str(tmp_path / "models" / "model.pt")
     assert config.out == str(tmp_path.parent / "runs")
     assert (config.batch_size, config.targets, config.report, config.tolerance) == (8, "both", False, 0)
-    assert config.thresholds == {"off_object_warn": 0.3} and config.audit_name == "synthetic"
+    assert config.thresholds == {"off_object_warn": 0.3} and config.audit_name == "data"
 
 
 def test_command_line_flags_override_the_file_and_thresholds_merge(tmp_path):
@@ -81,6 +81,11 @@ def test_command_line_flags_override_the_file_and_thresholds_merge(tmp_path):
         ("[thresholds]\nmin_rows = 2.5", "threshold min_rows must be an integer"),
         ("[thresholds]\noff_object_warn = 0.9", r"off_object_warn \(0.9\) must not exceed off_object_fail"),
         ("batch_size = ", "is not valid TOML"),
+        ("tolerance = nan", "tolerance must be a finite number, got nan"),
+        ("[thresholds]\nmin_rows = inf", "threshold min_rows must be an integer"),
+        ('name = "a/b"', "name must be a folder name"),
+        ("started = 2026-11-22T02:00:00Z", "unknown option 'started'"),
+        ('report = false\nfail_on = "fail"', "fail_on and baseline need the report stage"),
     ],
 )
 def test_bad_keys_and_values_are_errors_that_name_the_key(tmp_path, text, message):
@@ -114,15 +119,34 @@ def test_cli_reads_the_file_and_its_flags_win(tmp_path):
     assert flag.returncode == 2 and "127.0.0.1:2" in flag.stderr, flag.stderr
     bad = subprocess.run([*command, "--resume", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "leave out --config" in bad.stderr
-    typo = _write(tmp_path, "dataset = 3\n")
+    typo = _write(tmp_path, "batch_size = true\n")
     wrong = subprocess.run([*command[:-1], str(typo)], capture_output=True, text=True, timeout=120)
-    assert wrong.returncode == 2 and wrong.stderr.startswith("error: ") and "dataset must be a string" in wrong.stderr
+    assert (
+        wrong.returncode == 2
+        and wrong.stderr.startswith("error: ")
+        and "batch_size must be an integer, got True" in wrong.stderr
+    )
     assert "Traceback" not in wrong.stderr
     assert not (tmp_path / "runs").exists()
 
 
-def test_resume_cannot_change_what_a_run_computes(tmp_path):
-    config = RunConfig(dataset="synthetic", checkpoint=str(tmp_path / "m.pt"), masks="auto")
+def test_the_dataset_kind_and_the_default_audit_name():
+    with pytest.raises(ConfigError, match="dataset must be one of 'ham10000'"):
+        RunConfig(dataset="ham", checkpoint="m.pt")
+    assert RunConfig(dataset="ham10000", checkpoint="m.pt").audit_name == "ham10000"
+    assert RunConfig(dataset="manifest", checkpoint="m.pt", data_dir="/x/skin.csv").audit_name == "skin"
+    assert RunConfig(dataset="manifest", checkpoint="m.pt", data_dir="/x/skin.csv", name="n").audit_name == "n"
+
+
+def test_resume_cannot_change_what_a_run_computes_or_where_it_lies(tmp_path, monkeypatch):
+    from audit.errors import CheckpointError
+
+    config = RunConfig(dataset="synthetic", checkpoint=str(tmp_path / "m.pt"), out=str(tmp_path), masks="auto")
     (tmp_path / "run.json").write_text(json.dumps({"run_id": "r", "config": config.to_dict()}))
     with pytest.raises(RunError, match="cannot change masks"):
         resume_audit(tmp_path, changes={"masks": "none", "batch_size": 4})
+    with pytest.raises(RunError, match="cannot change out"):
+        resume_audit(tmp_path, changes={"out": str(tmp_path / "elsewhere")})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):  # the same file, typed relative: accepted
+        resume_audit(tmp_path, changes={"checkpoint": "m.pt", "batch_size": 4})

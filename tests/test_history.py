@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -50,7 +51,7 @@ def test_pointers_work_without_symbolic_links(tmp_path, monkeypatch):
     old, new = _history(tmp_path, 2)
 
     def no_links(*args, **kwargs):
-        raise OSError("operation not permitted")
+        raise OSError(errno.EPERM, "operation not permitted")
 
     monkeypatch.setattr(Path, "symlink_to", no_links)
     point(tmp_path, BASELINE, old)
@@ -96,4 +97,4 @@ def test_a_baseline_pointer_not_yet_set_is_skipped_but_a_missing_run_is_an_error
         _baseline(str(tmp_path / "nightly" / "20261101-020000-00000000"))
     (run,) = _history(tmp_path / "nightly", 1)
     point(tmp_path / "nightly", BASELINE, run)
-    assert _baseline(str(tmp_path / "nightly" / BASELINE)) == run.resolve()
+    assert _baseline(str(tmp_path / "nightly" / BASELINE)) == str(run.resolve())

@@ -68,14 +68,19 @@ def _check_rayjob_spec(spec: dict) -> None:
     assert head["volumes"][config_volume]["configMap"]["name"]
     assert (JOBS / config.name).is_file()  # the ConfigMap is made from this file
     toml = read_config_file(JOBS / config.name)
-    for key in ("data_dir", "checkpoint", "out"):  # the config's paths lie on the head's volumes
-        assert any(toml[key].startswith(path) for path in head["mounts"].values()), key
+    for key in ("data_dir", "checkpoint", "out", "baseline"):  # the config's paths lie on the head's volumes
+        assert _on_a_mount(toml[key], head["mounts"]), key
+    assert "rayStartParams" in cluster["headGroupSpec"]
     workers = cluster["workerGroupSpecs"]
     assert workers and all(w["groupName"] for w in workers)
     for group in workers:
-        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"] and "rayStartParams" in group
         pod = _check_pod(group["template"], gpu=True)
-        assert any(toml["data_dir"].startswith(path) for path in pod["mounts"].values())  # decoding runs here
+        assert _on_a_mount(toml["data_dir"], pod["mounts"])  # decoding runs here
+
+
+def _on_a_mount(path: str, mounts: dict[str, str]) -> bool:
+    return any(Path(path).is_relative_to(mount) for mount in mounts.values())
 
 
 def test_rayjob_manifest_has_what_kuberay_requires():

@@ -278,7 +278,7 @@ def test_interrupted_driver_resumes_without_recomputing(dataset_dir, checkpoint,
     else:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and every process it started
     _, stderr = driver.communicate(timeout=120)
-    (run_dir,) = runs(tmp_path / "synthetic")
+    (run_dir,) = runs(tmp_path / dataset_dir.name)
     info = json.loads((run_dir / "run.json").read_text())
     if signal_name == "SIGINT":
         assert driver.returncode == 130 and "--resume" in stderr

@@ -97,12 +97,13 @@ def resume_audit(run_dir: Path, execution: Execution = Execution(), changes: dic
     run_dir = Path(run_dir).resolve()
     info = read_info(run_dir)
     config = RunConfig.from_dict(info["config"])
-    fixed = sorted(k for k, v in (changes or {}).items() if k in COMPUTED and v != getattr(config, k))
-    if fixed:
-        raise RunError(f"--resume finishes a run as it started; it cannot change {', '.join(fixed)}")
     if changes:
         thresholds = {**config.thresholds, **changes.get("thresholds", {})}
-        config = config.updated(**{**changes, "thresholds": thresholds}).resolved()
+        wanted = config.updated(**{**changes, "thresholds": thresholds}).resolved()
+        fixed = [k for k in (*COMPUTED, "out", "name") if getattr(wanted, k) != getattr(config, k)]
+        if fixed:
+            raise RunError(f"--resume finishes a run as it started; it cannot change {', '.join(fixed)}")
+        config = wanted
         info["config"] = config.to_dict()
     data, checkpoint, sha = _read_checkpoint(config.checkpoint)
     if sha != info["model"]["sha256"]:

@@ -7,11 +7,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from audit.history import is_run
 from audit.report.compare import COMPARE_FILE, DEFAULT_TOLERANCE, Comparison, compare_runs
 from audit.report.figures import method_title
 from audit.report.flags import ICONS, STATUSES, ClassResult, assess, malignant_view
 from audit.report.html import GALLERY_FLAGGED, SIZE_WARNING_BYTES, malignant_summary, render_report
-from audit.report.load import RunData, load_run
+from audit.report.load import ReportInputError, RunData, load_run
 from audit.report.summary import make_summary
 from audit.report.thresholds import Thresholds
 
@@ -87,13 +88,20 @@ def build_report(
 
     Thresholds are the run's own (its config, else the defaults) with ``overrides`` applied. With
     a ``baseline`` run, the run is also compared with it under the same thresholds: the report
-    gains a comparison section and ``compare.json`` is written beside it."""
+    gains a comparison section and ``compare.json`` is written beside it. Without one, a run
+    compared before is compared again with the same baseline, so the two files never disagree."""
     run = load_run(Path(run_dir))
     thresholds = thresholds_of(run).updated(**(overrides or {}))
     results = assess(run, thresholds)
+    warnings = []
+    if baseline is None:
+        baseline, tolerance = _previous_comparison(run.run_dir, tolerance, warnings)
     comparison = None
     if baseline is not None:
-        comparison = compare_runs(load_run(baseline), run, thresholds, tolerance, results)
+        before = load_run(baseline)
+        if before.run_dir == run.run_dir:
+            raise ReportInputError(f"a run cannot be its own baseline: {run.run_dir}")
+        comparison = compare_runs(before, run, thresholds, tolerance, results)
     summary = make_summary(run, results, thresholds, malignant_summary(malignant_view(run, thresholds)))
     html = render_report(run, results, summary, thresholds, gallery, comparison)
     _write_atomic(run.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
@@ -101,13 +109,29 @@ def build_report(
         _write_atomic(run.run_dir / COMPARE_FILE, json.dumps(comparison.to_dict(), indent=2))
     _write_atomic(run.run_dir / REPORT_FILE, html)
     size = len(html.encode("utf-8"))
-    warnings = []
     if size > SIZE_WARNING_BYTES:
         warnings.append(
             f"warning: {REPORT_FILE} is {size / 1e6:.0f} MB (over {SIZE_WARNING_BYTES / 1e6:.0f} MB); "
             "lower --gallery to make it lighter"
         )
     return ReportResult(run.run_dir, summary, results, size, warnings, comparison)
+
+
+def _previous_comparison(run_dir: Path, tolerance: float, warnings: list[str]) -> tuple[Path | None, float]:
+    """The baseline and tolerance of the run's last comparison, if it had one whose baseline still exists."""
+    path = run_dir / COMPARE_FILE
+    if not path.is_file():
+        return None, tolerance
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        baseline, tolerance = Path(previous["baseline_dir"]), float(previous["tolerance"])
+    except (OSError, ValueError, KeyError, TypeError):
+        baseline = None
+    if baseline is None or not is_run(baseline):
+        path.unlink()
+        warnings.append(f"note: the baseline of the last comparison is gone; {COMPARE_FILE} was removed")
+        return None, tolerance
+    return baseline, tolerance
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -23,7 +23,7 @@ from audit.explain.metrics import LOCALIZED
 from audit.report.aggregate import counted_pairs
 from audit.report.figures import method_title
 from audit.report.flags import STATUSES, ClassResult, Flag, assess, worst
-from audit.report.load import RunData
+from audit.report.load import ReportInputError, RunData
 from audit.report.thresholds import Thresholds
 
 COMPARE_FORMAT = "cam-audit-compare/1"
@@ -162,6 +162,10 @@ def compare_runs(
     pairs = tuple(p for p in counted_pairs(run.proportional) if p in counted_pairs(baseline.proportional))
     rates = [("low_agreement", m) for m in ("all", *pairs)] + [("off_object", m) for m in LOCALIZED]
     classes = [_compare_class(before[key], after[key], rates, tolerance) for key in after if key in before]
+    if not classes:
+        raise ReportInputError(
+            f"nothing to compare: runs {baseline.run_dir.name} and {run.run_dir.name} share no class and target kind"
+        )
     classes.sort(key=lambda c: (-STATUSES.index(c.status), c.target_kind != "pred", c.run.label))
     return Comparison(
         baseline_id=baseline.info.get("run_id", baseline.run_dir.name),
@@ -227,7 +231,10 @@ def differences(baseline: RunData, run: RunData, thresholds: Thresholds) -> list
             "only the shared ones are compared"
         )
     if baseline.proportional != run.proportional:
-        notes.append("CAM and Grad-CAM are proportional in only one of the runs: that pair is left out of the deltas")
+        notes.append(
+            "CAM and Grad-CAM are proportional in only one of the runs: that pair is left out of the deltas, "
+            "and overall low agreement averages different pairs in the two runs"
+        )
     bc, rc = b.get("config", {}), r.get("config", {})
     changed = [k for k in ("masks", "limit", "gradcampp_eps", "grid", "topk", "delta") if bc.get(k) != rc.get(k)]
     changed += [k for k in ("target_layer",) if bm.get(k) != rm.get(k)]

@@ -31,6 +31,7 @@ Defaults, and why:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 from audit.errors import AuditError
@@ -98,6 +99,7 @@ class Thresholds:
             if (
                 isinstance(value, bool)
                 or not isinstance(value, (int, float))
+                or not math.isfinite(value)
                 or (wanted is int and value != int(value))
             ):
                 raise ThresholdError(f"threshold {name} must be {'an integer' if wanted is int else 'a number'}")
