@@ -101,7 +101,7 @@ def test_compare_command_writes_json_and_a_report_section_and_exits_by_status(ru
     assert printed["baseline_run_id"] == baseline.name and printed["run_id"] == run.name
     assert "bcc (pred) regressed" in result.stderr
     html = (run / "report.html").read_text()
-    assert 'id="comparison"' in html and baseline.name in html and "resolved: off-object" in html
+    assert 'id="comparison"' in html and baseline.name in html and "resolved off-object (CAM, " in html
 
     assert runner.invoke(main, ["compare", str(baseline), str(run), "--fail-on", "fail"]).exit_code == 1
     lenient = ["compare", str(baseline), str(run), "--tolerance", "0.6"]

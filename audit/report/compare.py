@@ -75,6 +75,36 @@ class ClassComparison:
             return "fail"
         return "warn" if self.new_flags or self.escalated else "pass"
 
+    def regression_lines(self) -> list[str]:
+        """One phrase per rate kind: the overall rate (or the largest rise) and the other methods."""
+        lines = []
+        for kind in ("off_object", "low_agreement"):
+            rises = [r for r in self.regressed if r.kind == kind]
+            if rises:
+                lead = max(rises, key=lambda r: (r.method in ("all", "consensus"), r.delta))
+                others = [method_title(r.method) for r in rises if r is not lead]
+                also = f"; also {', '.join(others)}" if others else ""
+                lines.append(f"{rate_name(kind, lead.method)} {_pct(lead.baseline)} -> {_pct(lead.run)}{also}")
+        return lines
+
+    def flag_lines(self) -> list[str]:
+        """New, escalated, resolved and eased flags, one phrase per change, kind and status."""
+        lines = []
+        for change, flags in (
+            ("new", self.new_flags),
+            ("escalated", self.escalated),
+            ("resolved", self.resolved_flags),
+            ("eased", self.eased),
+        ):
+            groups: dict[tuple[str, str], list[str]] = {}
+            for flag in flags:
+                groups.setdefault((flag.kind, flag.status), []).append(method_title(flag.method))
+            for (kind, status), methods in groups.items():
+                what = "off-object" if kind == "off_object" else "low agreement"
+                level = f" {status}" if change == "new" else ""
+                lines.append(f"{change}{level} {what} ({', '.join(methods)})")
+        return lines
+
     def to_dict(self) -> dict:
         return {
             "label_name": self.label_name,
@@ -136,10 +166,7 @@ class Comparison:
             f"class x target results regressed beyond {100 * self.tolerance:.0f} points"
         ]
         for c in self.classes:
-            parts = [f"{rate_name(r.kind, r.method)} {_pct(r.baseline)} -> {_pct(r.run)}" for r in c.regressed]
-            parts += [f"new {f.status} {rate_name(f.kind, f.method)}" for f in c.new_flags]
-            parts += [f"escalated {rate_name(f.kind, f.method)}" for f in c.escalated]
-            parts += [f"resolved {rate_name(f.kind, f.method)}" for f in c.resolved_flags]
+            parts = c.regression_lines() + c.flag_lines()
             if parts:
                 what = "regressed" if c.regressed else "changed"
                 lines.append(f"  {c.label_name} ({c.target_kind}) {what}: {'; '.join(parts)}")

@@ -25,7 +25,7 @@ from audit.explain.methods import METHODS
 from audit.explain.metrics import LOCALIZED
 from audit.report import figures
 from audit.report.aggregate import ALL_PAIRS, GroupStats, counted_pairs, indicators, metadata_slices
-from audit.report.compare import Comparison, rate_name
+from audit.report.compare import Comparison
 from audit.report.flags import ICONS, STATUSES, ClassResult
 from audit.report.load import RunData, class_mean_maps, map_array, read_maps
 from audit.report.thresholds import Thresholds
@@ -60,7 +60,7 @@ def render_report(
     environment = Environment(
         loader=PackageLoader("audit.report"), autoescape=True, trim_blocks=True, lstrip_blocks=True
     )
-    environment.filters.update(pct=_pct, num=_num, ci=_ci, delta=_delta, method=figures.method_title, rate=rate_name)
+    environment.filters.update(pct=_pct, num=_num, ci=_ci, delta=_delta, method=figures.method_title)
     script = resources.files("audit.report").joinpath("templates/report.js").read_text(encoding="utf-8")
     pairs = counted_pairs(run.proportional)
     flags = indicators(run.rows, thresholds, pairs)
