@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from audit.cli import run_command
+from audit.cli import main, run_command
 from audit.config import COMPUTED, ConfigError, RunConfig, build_config, read_config_file
 from audit.pipeline.run import RunError, resume_audit
 from audit.report.thresholds import ThresholdError, Thresholds
@@ -109,25 +110,26 @@ def test_the_documented_example_is_valid():
 
 
 def test_cli_reads_the_file_and_its_flags_win(tmp_path):
-    """Through the real command: an unreachable address from the file, then one from the command line."""
+    """Through the command: an unreachable address from the file, then one from the command line."""
     path = _write(tmp_path, f'dataset = "synthetic"\ncheckpoint = "m.pt"\nout = "{tmp_path / "runs"}"\n')
     path.write_text(path.read_text() + 'address = "127.0.0.1:1"\n')
-    command = [sys.executable, "-m", "audit.cli", "run", "--config", str(path)]
-    from_file = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert from_file.returncode == 2 and "127.0.0.1:1" in from_file.stderr, from_file.stderr
-    flag = subprocess.run([*command, "--address", "127.0.0.1:2"], capture_output=True, text=True, timeout=120)
-    assert flag.returncode == 2 and "127.0.0.1:2" in flag.stderr, flag.stderr
-    bad = subprocess.run([*command, "--resume", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "leave out --config" in bad.stderr
-    typo = _write(tmp_path, "batch_size = true\n")
-    wrong = subprocess.run([*command[:-1], str(typo)], capture_output=True, text=True, timeout=120)
-    assert (
-        wrong.returncode == 2
-        and wrong.stderr.startswith("error: ")
-        and "batch_size must be an integer, got True" in wrong.stderr
-    )
-    assert "Traceback" not in wrong.stderr
+    runner = CliRunner()
+    from_file = runner.invoke(main, ["run", "--config", str(path)])
+    assert from_file.exit_code == 2 and "cannot reach the Ray cluster at 127.0.0.1:1" in from_file.stderr
+    flag = runner.invoke(main, ["run", "--config", str(path), "--address", "127.0.0.1:2"])
+    assert flag.exit_code == 2 and "cannot reach the Ray cluster at 127.0.0.1:2" in flag.stderr
+    both = runner.invoke(main, ["run", "--config", str(path), "--resume", str(tmp_path)])
+    assert both.exit_code == 2 and "leave out --config" in both.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_bad_config_is_one_line_in_a_real_process(tmp_path):
+    typo = _write(tmp_path, "batch_size = true\n")
+    command = [sys.executable, "-m", "audit.cli", "run", "--config", str(typo)]
+    wrong = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and wrong.stderr.startswith("error: ")
+    assert "batch_size must be an integer, got True" in wrong.stderr and "Traceback" not in wrong.stderr
+    assert len(wrong.stderr.strip().splitlines()) == 1
 
 
 def test_the_dataset_kind_and_the_default_audit_name():

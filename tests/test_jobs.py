@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -154,12 +156,22 @@ def ray_head(tmp_path):
     else:
         pytest.fail("the Ray head did not come up in 120 s")
     yield {**env, "RAY_ADDRESS": address}
-    head.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
+    _stop_head(head, temp_dir)
+
+
+def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
+    """SIGTERM (`ray start --block` stops what it started); a head still draining after 10 s is
+    killed, with every process that names its temporary folder."""
+    head.send_signal(signal.SIGTERM)
     try:
-        head.wait(timeout=60)
+        head.wait(timeout=10)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
-    subprocess.run(["rm", "-rf", temp_dir], check=False)
+        head.wait(timeout=30)
+    for process in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in part for part in process.info["cmdline"] or []):
+            process.kill()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _hand_made_run(history: Path, run_id: str) -> Path:
