@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import click
 
 from audit import __version__
-from audit.config import DATASETS, MASKS, TARGETS
+from audit.config import DATASETS, DEFAULT_TOLERANCE, MASKS, TARGETS
 from audit.errors import AuditError
 
 if TYPE_CHECKING:
@@ -83,12 +83,12 @@ GALLERY = click.option(
 
 
 def _report(
-    run_dir: Path, overrides: dict, gallery: int, stream, baseline: str | None = None, tolerance: float | None = None
+    run_dir: Path, overrides: dict, gallery: int, stream, baseline: str | None = None, tolerance=DEFAULT_TOLERANCE
 ) -> ReportResult:
     from audit.report import build_report
 
-    extra = {"baseline": Path(baseline), "tolerance": tolerance} if baseline else {}
-    result = build_report(run_dir, overrides, gallery=gallery, **extra)
+    baseline_dir = Path(baseline) if baseline else None
+    result = build_report(run_dir, overrides, gallery=gallery, baseline=baseline_dir, tolerance=tolerance)
     for line in result.headline():
         click.echo(line, file=stream)
     return result
@@ -102,14 +102,16 @@ def _default(name: str) -> str:
     return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _typed(ctx: click.Context) -> dict:
+def _typed(ctx: click.Context, not_config: tuple[str, ...]) -> dict:
     """The options typed on the command line (not their defaults), by RunConfig name."""
     from click.core import ParameterSource
 
     typed = {
         name: value
         for name, value in ctx.params.items()
-        if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE and not name.startswith("threshold_")
+        if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+        and not name.startswith("threshold_")
+        and name not in not_config
     }
     for key in ("checkpoint", "data_dir", "out", "baseline"):
         if typed.get(key) is not None:
@@ -137,7 +139,9 @@ TOLERANCE = click.option(
 @click.option(
     "--out", type=click.Path(path_type=Path), help=f"runs go to OUT/NAME/<run_id>/ [default: {_default('out')}]"
 )
-@click.option("--name", help="the audit's name: its history folder under OUT [default: the dataset name]")
+@click.option(
+    "--name", help="the audit's name: its history folder under OUT [default: the data folder's name, else the dataset]"
+)
 @click.option("--targets", type=click.Choice(TARGETS), help=f"classes to explain [default: {_default('targets')}]")
 @click.option("--address", help="join a Ray cluster (auto, ray://host:10001); default: start a local one")
 @click.option("--batch-size", type=click.IntRange(min=1), help=f"[default: {_default('batch_size')}]")
@@ -197,10 +201,7 @@ def run_command(ctx: click.Context, config_file: Path | None, resume_dir: Path |
     from audit.history import prune, resolve_run
     from audit.pipeline.run import Execution, resume_audit, run_audit
 
-    typed = _typed(ctx)
-    typed.pop("config_file", None)
-    typed.pop("resume_dir", None)
-    typed.pop("batch_delay", None)
+    typed = _typed(ctx, not_config=("config_file", "resume_dir", "batch_delay"))
     execution = Execution(batch_delay=batch_delay)
     try:
         if resume_dir is not None:
@@ -289,21 +290,21 @@ def compare_command(
     """Compare RUN with BASELINE_RUN class by class: rate deltas, regressions, new and resolved flags.
 
     Both runs are judged with RUN's thresholds (its config, then the ones given here). A class
-    regressed when a rate rose by more than --tolerance. Writes compare.json into RUN and
-    writes RUN's summary.json and report.html again (with a comparison section). Either argument may be a run
-    folder or a `latest`/`baseline` pointer. Exits 0 when the comparison does not reach
-    --fail-on (regressed: fail; new flags only: warn), 1 when it does, 2 on bad input.
+    regressed when a rate rose by more than --tolerance. Writes compare.json into RUN, and
+    RUN's summary.json and report.html again (with a comparison section). Either argument may
+    be a run folder or a `latest`/`baseline` pointer. Exits 0 when the comparison does not
+    reach --fail-on (regressed: fail; new flags only: warn), 1 when it does, 2 on bad input.
     """
-    from audit.config import RunConfig
-    from audit.history import resolve_run
     from audit.report import build_report
 
-    baseline_run, run_dir = resolve_run(baseline_run), resolve_run(run_dir)
-    if baseline_run == run_dir:
-        raise AuditError(f"BASELINE_RUN and RUN are the same run: {run_dir}")
-    tolerance = RunConfig.default("tolerance") if tolerance is None else tolerance
     stream = sys.stderr if as_json else sys.stdout
-    result = build_report(run_dir, _thresholds(options), gallery=gallery, baseline=baseline_run, tolerance=tolerance)
+    result = build_report(
+        run_dir,
+        _thresholds(options),
+        gallery=gallery,
+        baseline=baseline_run,
+        tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance,
+    )
     for line in result.comparison.headline():
         click.echo(line, file=stream)
     comparison = result.comparison.to_dict()

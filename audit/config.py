@@ -10,6 +10,7 @@ name the key (see ``jobs/ham10000.toml``).
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import re
 import sys
@@ -27,6 +28,7 @@ else:  # pragma: no cover - Python 3.10
 DATASETS = ("ham10000", "imagefolder", "manifest", "synthetic")
 TARGETS = ("pred", "label", "both")
 MASKS = ("auto", "provided", "estimate", "none")
+DEFAULT_TOLERANCE = 0.05  # `audit compare`: a rate that rose by more than this is a regression
 REQUIRED = ("dataset", "checkpoint")
 PATH_KEYS = ("checkpoint", "data_dir", "out", "baseline")
 # The options that decide which rows a run computes and what is in them: the run id's hash covers
@@ -91,17 +93,17 @@ class RunConfig:
     gallery: int = 8
     fail_on: Literal["warn", "fail"] | None = None
     baseline: str | None = None
-    tolerance: float = 0.05
+    tolerance: float = DEFAULT_TOLERANCE
     thresholds: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from audit.explain.metrics import MetricSettings
         from audit.report.thresholds import Thresholds
 
+        hints = _hints()
         for spec in fields(self):
-            _check_type(spec.name, getattr(self, spec.name), _hints()[spec.name])
+            _check_type(spec.name, getattr(self, spec.name), hints[spec.name])
         Thresholds.from_dict(self.thresholds)  # the report stage's; an error names the key
-        from audit.explain.metrics import MetricSettings
-
         for name in ("batch_size", "limit", "actors", "keep"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -208,6 +210,7 @@ def build_config(file: Path | None, flags: dict) -> RunConfig:
         raise ConfigError(f"{source}{exc}") from None
 
 
+@functools.cache
 def _hints() -> dict:
     return get_type_hints(RunConfig)
 

@@ -131,13 +131,15 @@ def prune(history: Path, keep: int, protect: tuple[Path | None, ...] = ()) -> li
         protected = {p.resolve() for p in protect if p is not None}
         protected |= {run for run in (pointed(history, p) for p in POINTERS) if run is not None}
         candidates = runs(history)
-        for run in candidates:
-            info = _info(run)
-            if info.get("status") == "running" and (info.get("config") or {}).get("baseline"):
-                protected.add(Path(info["config"]["baseline"]).resolve())
+        infos = {run: _info(run) for run in candidates}
+        running = {run for run, info in infos.items() if info.get("status") == "running"}
+        for run in running:
+            baseline = (infos[run].get("config") or {}).get("baseline")
+            if baseline:
+                protected.add(Path(baseline).resolve())
         deleted = []
         for run in candidates[:-keep] if keep else candidates:
-            if run.resolve() in protected or _info(run).get("status") == "running":
+            if run.resolve() in protected or run in running:
                 continue
             shutil.rmtree(run, ignore_errors=True)
             deleted.append(run)

@@ -118,7 +118,7 @@ def test_compare_command_rejects_bad_input_with_exit_2(runs, tmp_path):
     missing = runner.invoke(main, ["compare", str(tmp_path / "nope"), str(run)])
     assert missing.exit_code == 2 and "no run at" in missing.stderr
     same = runner.invoke(main, ["compare", str(run), str(run)])
-    assert same.exit_code == 2 and "the same run" in same.stderr
+    assert same.exit_code == 2 and "cannot be its own baseline" in same.stderr
     bad = runner.invoke(main, ["compare", str(baseline), str(run), "--tolerance", "2"])
     assert bad.exit_code == 2
 

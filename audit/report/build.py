@@ -7,8 +7,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from audit.config import DEFAULT_TOLERANCE
 from audit.history import is_run
-from audit.report.compare import COMPARE_FILE, DEFAULT_TOLERANCE, Comparison, compare_runs
+from audit.report.compare import COMPARE_FILE, Comparison, compare_runs
 from audit.report.figures import method_title
 from audit.report.flags import ICONS, STATUSES, ClassResult, assess, malignant_view
 from audit.report.html import GALLERY_FLAGGED, SIZE_WARNING_BYTES, malignant_summary, render_report

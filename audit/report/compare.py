@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from audit.config import DEFAULT_TOLERANCE
 from audit.explain.metrics import LOCALIZED
 from audit.report.aggregate import counted_pairs
 from audit.report.figures import method_title
@@ -28,7 +29,6 @@ from audit.report.thresholds import Thresholds
 
 COMPARE_FORMAT = "cam-audit-compare/1"
 COMPARE_FILE = "compare.json"
-DEFAULT_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
