@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import click
 
 from audit import __version__
-from audit.config import DATASETS, DEFAULT_TOLERANCE, MASKS, TARGETS
+from audit.config import DATASETS, DEFAULT_TOLERANCE, EVIDENCE, MASKS, TARGETS
 from audit.errors import AuditError
 
 if TYPE_CHECKING:
@@ -150,6 +150,12 @@ TOLERANCE = click.option(
     "--masks",
     type=click.Choice(MASKS),
     help=f"auto: a row's own mask, else an estimated lesion mask [default: {_default('masks')}]",
+)
+@click.option(
+    "--evidence",
+    type=click.Choice(EVIDENCE),
+    help="interventions beside the maps: the object hidden / alone (occlusion), the image times each map "
+    f"(faithfulness) [default: {_default('evidence')}]",
 )
 @click.option("--target-layer", help="module to explain (default: found automatically)")
 @click.option("--classifier", help="linear layer CAM reads (default: found automatically)")

@@ -28,6 +28,7 @@ else:  # pragma: no cover - Python 3.10
 DATASETS = ("ham10000", "imagefolder", "manifest", "synthetic")
 TARGETS = ("pred", "label", "both")
 MASKS = ("auto", "provided", "estimate", "none")
+EVIDENCE = ("none", "occlusion", "faithfulness", "all")
 DEFAULT_TOLERANCE = 0.05  # `audit compare`: a rate that rose by more than this is a regression
 REQUIRED = ("dataset", "checkpoint")
 PATH_KEYS = ("checkpoint", "data_dir", "out", "baseline")
@@ -40,6 +41,7 @@ COMPUTED = (
     "targets",
     "limit",
     "masks",
+    "evidence",
     "target_layer",
     "classifier",
     "gradcampp_eps",
@@ -59,7 +61,9 @@ class RunConfig:
 
     What to compute (:data:`COMPUTED`): ``masks``: ``auto`` uses a row's mask where it has one
     and estimates the lesion elsewhere; ``provided`` uses masks only; ``estimate`` always
-    estimates; ``none`` scores no localization. ``grid``, ``topk`` and ``delta`` tune the
+    estimates; ``none`` scores no localization. ``evidence``: the interventions computed
+    beside the maps (:mod:`audit.explain.evidence`): occlusion counterfactuals, the
+    faithfulness measures, ``all`` or ``none``. ``grid``, ``topk`` and ``delta`` tune the
     metrics (:mod:`audit.explain.metrics`).
 
     How to run it and what to do with it: ``name`` is the audit's name: runs go to
@@ -81,6 +85,7 @@ class RunConfig:
     batch_size: int = 32
     limit: int | None = None
     masks: Literal["auto", "provided", "estimate", "none"] = "auto"
+    evidence: Literal["none", "occlusion", "faithfulness", "all"] = "all"
     target_layer: str | None = None
     classifier: str | None = None
     gradcampp_eps: float = 0.0

@@ -4,8 +4,9 @@
    in a corner that is its only signal, while the other classes differ by their lesions;
 2. train a small classifier on it from random weights (`audit train`);
 3. audit it (`audit run` on a local Ray instance, then the report stage);
-4. say whether the report caught the shortcut: the planted class flagged off-object, no clean
-   class flagged.
+4. say whether the report caught the shortcut: the planted class flagged off-object, and
+   confirmed by intervention (with its lesion hidden it is still recognised), no clean class
+   flagged.
 
 Everything lives under ``--out``; a second run reuses the data and the model when their
 settings are unchanged, and only audits again.
@@ -76,7 +77,7 @@ class DemoResult:
     def lines(self) -> list[str]:
         """What the demo found, in plain words."""
         name = self.shortcut_class
-        entry = next(c for c in self.report.summary["classes"] if c["label_name"] == name)
+        entry = self.entry
         rate = entry["off_object"]["consensus"]["value"]
         planted = f"Planted: class {name}'s only signal is a colour patch in an image corner, away from the lesion."
         if self.caught:
@@ -85,6 +86,9 @@ class DemoResult:
             )
         else:
             found = f"Missed: {name} was not flagged off-object ({_pct(rate)} of its explanations lie off the lesion)"
+        verdict = entry.get("intervention")
+        if verdict:
+            found += f"; {verdict['note']}"
         found += (
             "; no other class is flagged."
             if not self.false_flags
@@ -93,8 +97,18 @@ class DemoResult:
         return [planted, found, f"Report: {self.report.html_path}"]
 
     @property
+    def entry(self) -> dict:
+        """The planted class's summary entry (its first target kind)."""
+        return next(c for c in self.report.summary["classes"] if c["label_name"] == self.shortcut_class)
+
+    @property
+    def confirmed(self) -> bool:
+        """The off-object finding is backed by the model's answers with the lesion hidden."""
+        return (self.entry.get("intervention") or {}).get("verdict") == "confirmed"
+
+    @property
     def ok(self) -> bool:
-        return self.caught and not self.false_flags
+        return self.caught and self.confirmed and not self.false_flags
 
 
 def run_demo(out: Path, settings: DemoSettings | None = None, say: Callable[[str], None] | None = None) -> DemoResult:

@@ -26,6 +26,7 @@ def test_bench_engine_json_has_the_ratios():
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
     assert report["ratio_vs_forward"] > 0 and report["speedup_vs_peers"] > 0
+    assert report["evidence_ms"] > 0 and report["evidence_vs_forward"] == report["evidence_ms"] / report["forward_ms"]
     assert set(report["peer_ms"]) == {"pytorch-grad-cam GradCAM", "pytorch-grad-cam GradCAMPlusPlus", "torchcam CAM"}
     assert report["device"] == "cpu" and report["dtype"] == "float32"
 

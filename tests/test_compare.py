@@ -45,7 +45,9 @@ def test_a_rate_that_rose_beyond_the_tolerance_is_a_regression(runs):
     assert (consensus.baseline, consensus.run) == (0.0, 0.5) and consensus.delta == pytest.approx(0.5)
     assert [(f.kind, f.method) for f in bcc.new_flags if f.method == "consensus"] == [("off_object", "consensus")]
     assert not classes["df"].regressed and classes["df"].status == "pass"  # +2.5 points, tolerance 5
-    assert {c.kind for c in bcc.changes} == {"low_agreement", "off_object"}
+    assert {c.kind for c in bcc.changes} == {"low_agreement", "off_object", "context_reliance"}
+    context = next(c for c in bcc.changes if c.kind == "context_reliance")
+    assert (context.baseline, context.run, context.delta) == (None, None, None)  # neither run measured it
     assert comparison.status == "fail" and comparison.to_dict()["regressed"] == ["bcc (pred)"]
 
 

@@ -26,11 +26,18 @@ def test_demo_flags_the_shortcut_class_and_only_it(first_demo):
     summary = json.loads((result.run_dir / "summary.json").read_text())
     off_object = {c["label_name"] for c in summary["classes"] if any(f["kind"] == "off_object" for f in c["flags"])}
     assert off_object == {"df"}
+    context = {c["label_name"] for c in summary["classes"] if any(f["kind"] == "context_reliance" for f in c["flags"])}
+    assert context == {"df"}  # the model keeps answering df with the lesion hidden, and no other class
+    assert next(c for c in summary["classes"] if c["label_name"] == "df")["intervention"]["verdict"] == "confirmed"
+    assert result.confirmed
     assert all(c["status"] == "pass" for c in summary["classes"] if c["label_name"] != "df")
     assert result.caught and result.false_flags == [] and result.ok
     assert result.accuracy > 0.8  # the model learnt the task: the shortcut is what it uses for df
     planted, found, report = result.lines()
     assert "df" in planted and found.startswith("Found: df is flagged off-object") and "no other class" in found
+    assert "confirmed by intervention" in found
+    html = (result.run_dir / "report.html").read_text()
+    assert 'id="intervention-verdicts"' in html and 'id="faithfulness"' in html
     assert report == f"Report: {result.run_dir / 'report.html'}"
 
 

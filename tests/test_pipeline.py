@@ -21,11 +21,12 @@ from audit.config import RunConfig
 from audit.data.ham10000 import CLASSES
 from audit.data.synthetic import Shortcut, SyntheticSpec, generate
 from audit.explain import ExplainEngine
+from audit.explain.evidence import FAITHFULNESS_COLUMNS, OCCLUSION_COLUMNS, gather_evidence
 from audit.history import runs
 from audit.models import load_checkpoint, load_model
 from audit.models.checkpoint import save_random_checkpoint
 from audit.pipeline.run import OUTPUT_DIR, Execution, RunError, count_rows, resume_audit, run_audit
-from audit.pipeline.schema import AGREEMENT_COLUMNS, LOCALIZATION_COLUMNS, MAP_COLUMNS
+from audit.pipeline.schema import AGREEMENT_COLUMNS, EVIDENCE_COLUMNS, LOCALIZATION_COLUMNS, MAP_COLUMNS
 from audit.pipeline.stages import decode_batch
 
 IMAGES = 24
@@ -119,6 +120,7 @@ def test_schema_and_maps(finished):
         *MAP_COLUMNS,
         *AGREEMENT_COLUMNS,
         *LOCALIZATION_COLUMNS,
+        *EVIDENCE_COLUMNS,
         "target_kind",
         "pred",
         "prob",
@@ -141,6 +143,27 @@ def test_schema_and_maps(finished):
     pred_rows = ok[ok["target_kind"] == "pred"]
     assert (pred_rows["target"] == pred_rows["pred"]).all()
     assert (pred_rows["correct"] == (pred_rows["pred"] == pred_rows["label"])).all()
+    assert ok[list(EVIDENCE_COLUMNS)].notna().all().all()  # every ok row has a provided mask here
+
+
+def test_evidence_equals_the_engines_own(finished, checkpoint):
+    """What the actors stored is what the evidence functions give on the same decoded batch."""
+    rows = _rows(finished)
+    ok = rows[(rows["status"] == "ok") & (rows["target_kind"] == "label")].head(6)
+    batch = {key: ok[key].to_numpy() for key in ("image_id", "path", "mask_path")}
+    decoded = decode_batch(batch, (64, 64), "provided")
+    pixels = torch.from_numpy(decoded["image"]).permute(0, 3, 1, 2).float() / 255
+    images = (pixels - 0.5) / 0.25
+    engine = ExplainEngine(load_model(load_checkpoint(checkpoint)), (64, 64))
+    explanation = engine(images, torch.tensor(ok["label"].to_numpy()))
+    masks = torch.from_numpy(decoded["mask"])
+    columns = gather_evidence(engine, images, [explanation], ("occlusion", "faithfulness"), masks)[0].columns()
+    for name in (*OCCLUSION_COLUMNS, *FAITHFULNESS_COLUMNS):
+        stored = ok[name].to_numpy()
+        if name.endswith("_pred") or name.startswith("increase_"):
+            assert stored.tolist() == columns[name], name
+        else:
+            assert np.allclose(stored.astype(float), columns[name], atol=1e-4), name
 
 
 def test_maps_equal_the_engines_own_output(finished, checkpoint):
@@ -208,10 +231,13 @@ def test_a_killed_worker_is_retried_and_every_row_lands_once(ray_session, datase
 
 
 def test_limit_and_pred_only(ray_session, dataset_dir, checkpoint, tmp_path):
-    config = _config(dataset_dir, checkpoint, tmp_path, targets="pred", batch_size=8, limit=10, masks="estimate")
+    config = _config(
+        dataset_dir, checkpoint, tmp_path, targets="pred", batch_size=8, limit=10, masks="estimate", evidence="none"
+    )
     rows = _rows(run_audit(config, Execution(progress=False)))
     assert len(rows) == 10 and set(rows["target_kind"]) == {"pred"}
     assert set(rows.loc[rows["status"] == "ok", "mask_source"]) == {"estimated"}
+    assert rows[list(EVIDENCE_COLUMNS)].isna().all().all()  # --evidence none computes none
 
 
 def test_resume_refuses_a_changed_checkpoint(finished, tmp_path, checkpoint):
@@ -383,6 +409,9 @@ def test_manifest_with_boxes_gets_loc_delta(ray_session, dataset_dir, checkpoint
     assert (rows["status"] == "ok").all()
     assert rows["loc_consensus"].iloc[:5].between(0, 1).all() and pd.isna(rows["loc_consensus"].iloc[5])
     assert rows["energy_in_mask_consensus"].isna().all() and (rows["mask_source"] == "none").all()
+    assert rows[list(OCCLUSION_COLUMNS)].isna().all().all()  # no mask: nothing to hide, and the notes say so
+    assert rows["notes"].str.contains("occlusion: no object mask").all()
+    assert rows[list(FAITHFULNESS_COLUMNS)].notna().all().all()
 
 
 def test_report_of_a_real_run_accounts_for_every_row(finished, tmp_path):

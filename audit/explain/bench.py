@@ -1,7 +1,9 @@
 """``audit bench engine``: what explaining costs, against a plain forward and against the peers.
 
 In one process, on one random batch and one random-init model, each repeat times in turn:
-a plain no-grad forward; our three-method pass; and, when installed, pytorch-grad-cam's
+a plain no-grad forward; our three-method pass; the evidence by intervention for that pass
+(occlusion counterfactuals with a central object mask, and the faithfulness measures: six
+batched forwards of the batch); and, when installed, pytorch-grad-cam's
 GradCAM and GradCAMPlusPlus and torchcam's CAM run one after another, the way a user
 would call them (each builds its hooks, runs its own forward and backward, and returns its
 maps). Interleaving spreads machine noise over all contenders alike; the figures are
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from audit.explain.engine import ExplainEngine
+from audit.explain.evidence import gather_evidence
 from audit.models.checkpoint import build_model
 
 
@@ -38,6 +41,8 @@ class EngineBenchResult:
     forward_ms: float
     explain_ms: float
     ratio_vs_forward: float
+    evidence_ms: float | None = None
+    evidence_vs_forward: float | None = None
     peers_ms: float | None = None
     speedup_vs_peers: float | None = None
     peer_ms: dict[str, float] = field(default_factory=dict)
@@ -78,12 +83,18 @@ def bench_engine(
         with torch.inference_mode(), _autocast(target_device, dtype):
             model(images)
 
-    contenders: dict[str, Callable[[], object]] = {"forward": forward, "explain": lambda: engine(images)}
+    explained = [engine(images)]
+    masks = _central_masks(batch_size, image_size, target_device)
+    contenders: dict[str, Callable[[], object]] = {
+        "forward": forward,
+        "explain": lambda: engine(images),
+        "evidence": lambda: gather_evidence(engine, images, explained, ("occlusion", "faithfulness"), masks),
+    }
     use_peers = with_peers and peers_available()
     if use_peers:
         contenders.update(_peer_contenders(model, engine, images))
     timings = _interleaved(contenders, repeats, warmup, target_device)
-    forward_ms, explain_ms = timings.pop("forward"), timings.pop("explain")
+    forward_ms, explain_ms, evidence_ms = (timings.pop(name) for name in ("forward", "explain", "evidence"))
     result = EngineBenchResult(
         arch=arch,
         batch_size=batch_size,
@@ -96,6 +107,8 @@ def bench_engine(
         forward_ms=forward_ms,
         explain_ms=explain_ms,
         ratio_vs_forward=explain_ms / forward_ms,
+        evidence_ms=evidence_ms,
+        evidence_vs_forward=evidence_ms / forward_ms,
         machine=_describe_machine(target_device),
     )
     if use_peers:
@@ -103,6 +116,13 @@ def bench_engine(
         result.peers_ms = sum(timings.values())
         result.speedup_vs_peers = result.peers_ms / explain_ms
     return result
+
+
+def _central_masks(n: int, size: int, device: torch.device) -> torch.Tensor:
+    """(n, size, size) discs over the middle third of the image: a lesion-sized object to hide."""
+    ys, xs = torch.meshgrid(torch.arange(size, device=device), torch.arange(size, device=device), indexing="ij")
+    disc = (ys - size / 2) ** 2 + (xs - size / 2) ** 2 <= (size / 6) ** 2
+    return disc.expand(n, size, size)
 
 
 def _peer_contenders(model: nn.Module, engine: ExplainEngine, images: torch.Tensor) -> dict[str, Callable[[], object]]:
@@ -184,6 +204,9 @@ def format_engine_bench(result: EngineBenchResult) -> str:
         f"{result.torch_threads} threads, median of {result.repeats}",
         row("plain forward (no grad)", result.forward_ms),
         row("cam-audit, all three methods", result.explain_ms, f"   {result.ratio_vs_forward:.2f}x a forward"),
+        row(
+            "evidence (occlusion + faithfulness)", result.evidence_ms, f"   {result.evidence_vs_forward:.2f}x a forward"
+        ),
     ]
     if result.peers_ms is None:
         lines.append("  peers not installed: pip install 'cam-audit[peers]' to compare")

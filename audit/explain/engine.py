@@ -101,6 +101,13 @@ class ExplainEngine:
             )
         return explanations
 
+    def predict(self, images: Tensor, chunk: int | None = None) -> Tensor:
+        """Softmax probabilities (N, classes) in float32 from plain forwards, ``chunk`` images at a time."""
+        images = images.to(self.device, non_blocking=True)
+        chunk = chunk or max(1, images.shape[0])
+        with torch.inference_mode(), self.autocast():
+            return torch.cat([self.model(part).float().softmax(dim=1) for part in images.split(chunk)])
+
     def _forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         captured: list[Tensor] = []
 

@@ -72,10 +72,10 @@ class Scores:
         """Plain Python columns for a table: undefined entries become None (null, not NaN)."""
         columns: dict[str, list[float | bool | None]] = {}
         for name, values in self.values.items():
-            as_bool = name.startswith("pointing_hit_")
+            kind = bool if name.startswith(("pointing_hit_", "increase_")) else int if name.endswith("_pred") else float
             rows = values.cpu().tolist()
             defined = self.defined[name].cpu().tolist()
-            columns[name] = [(bool(v) if as_bool else float(v)) if ok else None for v, ok in zip(rows, defined)]
+            columns[name] = [kind(v) if ok else None for v, ok in zip(rows, defined)]
         return columns
 
 

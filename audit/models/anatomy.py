@@ -15,6 +15,8 @@ hooks, so the rules hold for any torchvision CNN without a per-architecture tabl
   functional ReLU between its feature map and the pool). Anything else (VGG's hidden
   layers, MobileNetV3's hidden layer, ConvNeXt's LayerNorm after the pool) has no CAM,
   and the reason says why.
+* a finer layer, for maps too coarse to localize (fewer than :data:`MIN_MAP_SIDE` cells on a
+  side): the last module to finish whose feature map has at least that many on both sides.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 
 from audit.errors import ModelAnatomyError
 
+MIN_MAP_SIDE = 7  # a map with fewer cells on a side spills over a small object once upsampled
 _POOLING = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
 # Modules that may run between the target layer and CAM's linear layer without changing what
 # the pool reads (Dropout is the identity in eval mode).
@@ -51,6 +54,7 @@ class Anatomy:
     feature_shape: tuple[int, int, int]  # (channels, h, w) at the probe's input size
     cam_head: CamHead | None
     cam_note: str | None  # why there is no CAM, when cam_head is None
+    finer_layer: tuple[str, int, int] | None = None  # (name, h, w) where the maps are too coarse
 
     @property
     def gradcam_proportional_to_cam(self) -> bool:
@@ -84,6 +88,7 @@ def inspect_model(
         feature_shape=tuple(activation.shape[1:]),
         cam_head=head,
         cam_note=note,
+        finer_layer=find_finer_layer(probe, target),
     )
 
 
@@ -145,6 +150,21 @@ def find_target_layer(probe: _Probe) -> str:
             continue
         return name
     raise ModelAnatomyError("no 4-D feature map larger than 1x1 found: is this a CNN, and is the input large enough?")
+
+
+def find_finer_layer(probe: _Probe, target_layer: str) -> tuple[str, int, int] | None:
+    """Where ``target_layer``'s maps have fewer than :data:`MIN_MAP_SIDE` cells on a side: the last
+    module to finish with a feature map of at least that many on both sides, as (name, h, w)."""
+    h, w = probe.outputs[target_layer].shape[-2:]
+    if min(h, w) >= MIN_MAP_SIDE:
+        return None
+    for name in reversed(probe.order):
+        output = probe.outputs.get(name)
+        if output is None or output.ndim != 4 or isinstance(probe.modules[name], _POOLING):
+            continue
+        if min(output.shape[-2:]) >= MIN_MAP_SIDE:
+            return name, int(output.shape[-2]), int(output.shape[-1])
+    return None
 
 
 def find_cam_head(probe: _Probe, target_layer: str, classifier: str | None = None) -> tuple[CamHead | None, str | None]:

@@ -162,6 +162,7 @@ def _prepare(config: RunConfig) -> RunState:
             "cam_head": anatomy.cam_head.name if anatomy.cam_head else None,
             "cam_note": anatomy.cam_note,
             "gradcam_proportional_to_cam": anatomy.gradcam_proportional_to_cam,
+            "finer_layer": list(anatomy.finer_layer) if anatomy.finer_layer else None,
         },
         "dataset": {
             "name": dataset.name,

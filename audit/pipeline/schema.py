@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from audit.explain.evidence import FAITHFULNESS_COLUMNS, OCCLUSION_COLUMNS
 from audit.explain.methods import METHODS
 from audit.explain.metrics import LOCALIZED, METHOD_PAIRS
 
@@ -17,6 +18,7 @@ MAP_COLUMNS = tuple(f"map_{m}" for m in METHODS)
 AGREEMENT_COLUMNS = tuple(f"agree_{kind}_{a}_{b}" for a, b in METHOD_PAIRS for kind in ("spearman", "topk_iou"))
 LOCALIZATION_COLUMNS = tuple(f"{metric}_{m}" for m in LOCALIZED for metric in ("energy_in_mask", "pointing_hit", "iou"))
 LOC_DELTA_COLUMNS = tuple(f"loc_{m}" for m in LOCALIZED)
+EVIDENCE_COLUMNS = (*OCCLUSION_COLUMNS, *FAITHFULNESS_COLUMNS)
 KEY = ("image_id", "target_kind")
 
 _FIXED: list[tuple[str, pa.DataType]] = [
@@ -38,6 +40,8 @@ _FIXED: list[tuple[str, pa.DataType]] = [
     *((name, pa.float32()) for name in AGREEMENT_COLUMNS),
     *((name, pa.bool_() if name.startswith("pointing_hit") else pa.float32()) for name in LOCALIZATION_COLUMNS),
     ("mask_area", pa.float32()),
+    *((name, pa.int64() if name.endswith("_pred") else pa.float32()) for name in OCCLUSION_COLUMNS),
+    *((name, pa.bool_() if name.startswith("increase_") else pa.float32()) for name in FAITHFULNESS_COLUMNS),
     ("mask_source", pa.string()),
     ("notes", pa.string()),
 ]

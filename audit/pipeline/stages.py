@@ -20,6 +20,7 @@ from audit.data.decode import DecodeError, decode_image, decode_mask
 from audit.data.manifest import BOX_COLUMNS
 from audit.data.masks import estimate_lesion_mask
 from audit.explain.engine import ExplainEngine, Explanation
+from audit.explain.evidence import NO_MASK_NOTE, evidence_kinds, gather_evidence
 from audit.explain.methods import METHODS
 from audit.explain.metrics import MetricSettings, score_batch
 from audit.models.checkpoint import Checkpoint, checkpoint_from_bytes, load_model
@@ -112,6 +113,7 @@ class Explainer:
         self.settings = MetricSettings(
             grid=config.get("grid", 56), topk=config.get("topk", 0.2), delta=config.get("delta", 0.5)
         )
+        self.evidence = evidence_kinds(config.get("evidence", "all"))
         self.schema = schema
         self.mode = mode
         self.with_boxes = all(c in schema.names for c in ("loc_consensus", *BOX_COLUMNS))
@@ -175,18 +177,22 @@ class Explainer:
         if masks is not None:
             masks &= torch.from_numpy(batch["has_mask"][indices]).to(self.device)[:, None, None]
         boxes = self._boxes(batch, indices) if self.with_boxes else None
+        has_mask = torch.from_numpy(batch["has_mask"][indices]).to(self.device)
+        evidence = gather_evidence(self.engine, images, list(explained.values()), self.evidence, masks, has_mask)
         out: dict[int, dict] = {int(i): {} for i in indices}
-        for kind, explanation in explained.items():
+        for (kind, explanation), found in zip(explained.items(), evidence):
             scores = score_batch(explanation.maps, explanation.empty, masks, boxes, self.settings).columns()
+            scores.update(found.columns())
             for position, columns in enumerate(_columns(explanation, scores)):
                 index = int(indices[position])
                 columns["mask_source"] = batch["mask_source"][index]
+                if "occlusion" in self.evidence and not batch["has_mask"][index]:
+                    columns["notes"] = "; ".join(filter(None, [columns["notes"], NO_MASK_NOTE]))
                 out[index][kind] = columns
         return out
 
     def _predictions(self, images, indices, kinds, labels) -> dict[int, dict]:
-        with torch.inference_mode(), self.engine.autocast():
-            probs = self.engine.model(images).float().softmax(dim=1)
+        probs = self.engine.predict(images)
         prob, pred = probs.max(dim=1)
         out: dict[int, dict] = {}
         for position, index in enumerate(indices):

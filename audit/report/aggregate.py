@@ -10,10 +10,27 @@ Each ok row gets 0/1 *indicators* (undefined where its score is null):
   small object seen through a coarse map (a 7x7 map upsampled spills around a small lesion)
   from counting as off-object when the map is centred on it.
 
-A *rate* is the share of rows with the indicator among the rows where it is defined. Its
-confidence interval is a percentile bootstrap that resamples whole groups (HAM10000's
-``lesion_id``: several photos of one lesion are not independent evidence); a row without a
-group is its own group.
+Evidence by intervention (where the run computed it, :mod:`audit.explain.evidence`):
+
+* context reliance (``object_hidden``) and object sufficiency (``object_alone``): the share
+  of a class's correctly predicted rows whose prediction with the object hidden (or alone)
+  is still the class (:func:`reliance`, against a base rate: below);
+* ``average_drop`` and ``increase`` for each method and the consensus: the Grad-CAM++ paper's
+  drop in the target's confidence on ``image * map``, and whether it rose instead.
+
+A *rate* is the share of rows with the indicator among the rows where it is defined (for
+``average_drop``, the mean drop). Its confidence interval is a percentile bootstrap that
+resamples whole groups (HAM10000's ``lesion_id``: several photos of one lesion are not
+independent evidence); a row without a group is its own group.
+
+**Base rates.** An image with its object hidden has nothing left to classify, and a model
+then often answers one class (typically the most frequent one): that is a fallback, not a
+shortcut. So class c's context reliance is judged against the rate at which *other* classes'
+correctly predicted images that lose their class under the same intervention land on c:
+:class:`Reliance` holds both and their difference, ``excess = kept - base``, with a percentile
+interval from independent group resamples of the two. A shortcut class keeps its class
+without its object while other classes' images do not fall into it (excess near 1); the
+fallback class keeps its class exactly as often as everyone else lands on it (excess near 0).
 """
 
 from __future__ import annotations
@@ -29,6 +46,8 @@ from audit.report.thresholds import Thresholds
 ALL_PAIRS = tuple(f"{a}_{b}" for a, b in METHOD_PAIRS)
 PROPORTIONAL_PAIR = "cam_gradcam"
 RATE_KINDS = ("low_agreement", "off_object")
+INTERVENTIONS = ("object_hidden", "object_alone")  # context reliance, object sufficiency
+FAITHFULNESS_KINDS = ("average_drop", "increase")
 BOOTSTRAP_SEED = 0
 _CHUNK = 250  # bootstrap resamples per matrix product: bounds memory on classes of thousands of groups
 
@@ -37,7 +56,7 @@ _CHUNK = 250  # bootstrap resamples per matrix product: bounds memory on classes
 class Rate:
     """``hits`` of ``scored`` rows; ``value`` and its interval are None when nothing was scored."""
 
-    hits: int
+    hits: float  # a count of rows, or for a mean (average_drop) the sum of the values
     scored: int
     low: float | None = None
     high: float | None = None
@@ -48,6 +67,26 @@ class Rate:
 
     def to_dict(self) -> dict:
         return {"value": _round(self.value), "ci": [_round(self.low), _round(self.high)], "n": self.scored}
+
+
+@dataclass(frozen=True)
+class Reliance:
+    """Class c under one intervention: ``kept`` (its correct images still predicted c), ``base``
+    (other classes' correct images that lose their class and land on c instead), and
+    ``excess = kept - base`` with its interval (None where either is unmeasured)."""
+
+    kept: Rate
+    base: Rate
+    excess: float | None = None
+    low: float | None = None
+    high: float | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "kept": self.kept.to_dict(),
+            "base": self.base.to_dict(),
+            "excess": {"value": _round(self.excess), "ci": [_round(self.low), _round(self.high)]},
+        }
 
 
 @dataclass
@@ -61,6 +100,11 @@ class GroupStats:
     rates: dict[str, dict[str, Rate]]  # rates[kind][method or pair]
     energy: dict[str, dict[str, float | None]] = field(default_factory=dict)  # quantiles per method
     agreement: dict[str, dict[str, float | None]] = field(default_factory=dict)  # medians per pair
+    reliance: dict[str, Reliance] = field(default_factory=dict)  # per intervention, set by the flag stage
+
+    def evidence(self, kind: str) -> dict[str, Rate]:
+        """The rates of one kind of evidence that were measured (``{}`` for a run without it)."""
+        return {m: r for m, r in self.rates.get(kind, {}).items() if r.scored}
 
     @property
     def scored(self) -> int:
@@ -84,6 +128,9 @@ def indicators(rows: pd.DataFrame, thresholds: Thresholds, pairs: tuple[str, ...
     for method in LOCALIZED:
         energy = _numeric(rows, f"energy_in_mask_{method}")
         out[f"off_object:{method}"] = _below(energy, np.minimum(thresholds.energy_min, chance))
+    for method in LOCALIZED:
+        out[f"average_drop:{method}"] = _numeric(rows, f"drop_{method}")
+        out[f"increase:{method}"] = _numeric(rows, f"increase_{method}")
     frame = pd.DataFrame(out, index=rows.index)
     ok = rows["status"].eq("ok")
     return frame.where(ok, np.nan)
@@ -100,11 +147,11 @@ def summarize(
     low, high = group_bootstrap(
         flags.to_numpy(dtype=float), _groups(rows), thresholds.bootstrap, thresholds.confidence, rng
     )
-    rates: dict[str, dict[str, Rate]] = {kind: {} for kind in RATE_KINDS}
+    rates: dict[str, dict[str, Rate]] = {}
     for j, column in enumerate(flags.columns):
         kind, method = column.split(":")
         values = flags[column].dropna()
-        rates[kind][method] = Rate(int(values.sum()), len(values), _float(low[j]), _float(high[j]))
+        rates.setdefault(kind, {})[method] = Rate(float(values.sum()), len(values), _float(low[j]), _float(high[j]))
     return GroupStats(
         n=len(rows),
         ok=int(ok.sum()),
@@ -131,15 +178,24 @@ def group_bootstrap(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Percentile interval of each column's rate (mean of the non-NaN entries), resampling groups.
 
-    ``values``: (N, R) of 0/1/NaN. Returns (low, high), each (R,), NaN where a column has no value.
-    Each resample draws as many groups as there are, with replacement; the rate of a resample is
-    its hits over its scored rows, so large groups weigh as much as their rows.
+    ``values``: (N, R) of 0/1/NaN (or any numbers, for a mean). Returns (low, high), each (R,),
+    NaN where a column has no value.
     """
+    return percentile_interval(resampled_rates(values, groups, samples, rng), confidence)
+
+
+def resampled_rates(
+    values: np.ndarray, groups: np.ndarray, samples: int, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """(samples, R): each column's rate in group resamples of (N, R) ``values`` (NaN = undefined).
+
+    Each resample draws as many groups as there are, with replacement; the rate of a resample is
+    its hits over its scored rows, so large groups weigh as much as their rows."""
     values = np.asarray(values, dtype=float)
     values = values.reshape(len(groups), -1) if values.ndim == 1 else values
     r = values.shape[1]
     if len(values) == 0:
-        return np.full(r, np.nan), np.full(r, np.nan)
+        return np.full((samples, r), np.nan)
     rng = rng or np.random.default_rng(BOOTSTRAP_SEED)
     codes, uniques = pd.factorize(pd.Series(groups), use_na_sentinel=False)
     g = len(uniques)
@@ -152,7 +208,12 @@ def group_bootstrap(
         weights = rng.multinomial(g, np.full(g, 1.0 / g), size=min(_CHUNK, samples - start)).astype(float)
         with np.errstate(invalid="ignore", divide="ignore"):
             resampled.append((weights @ hits) / (weights @ scored))
-    rates = np.concatenate(resampled)
+    return np.concatenate(resampled)
+
+
+def percentile_interval(rates: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) percentile interval of each column of resampled ``rates``, NaN where none is defined."""
+    r = rates.shape[1]
     tail = 100 * (1 - confidence) / 2
     defined = ~np.isnan(rates).all(axis=0)
     low, high = np.full(r, np.nan), np.full(r, np.nan)
@@ -160,6 +221,50 @@ def group_bootstrap(
         low[defined] = np.nanpercentile(rates[:, defined], tail, axis=0)
         high[defined] = np.nanpercentile(rates[:, defined], 100 - tail, axis=0)
     return low, high
+
+
+def reliance(
+    rows: pd.DataFrame,
+    label: int,
+    own: pd.Series,
+    thresholds: Thresholds,
+    rng: np.random.Generator | None = None,
+) -> dict[str, Reliance]:
+    """Context reliance and object sufficiency of class ``label`` against their base rates.
+
+    ``rows`` are the ok and error rows of one target kind; ``own`` marks the class's rows among
+    them. Only interventions the run measured are returned."""
+    rng = rng or np.random.default_rng(BOOTSTRAP_SEED)
+    correct = rows["status"].eq("ok") & rows["correct"].eq(True)
+    labels = _numeric(rows, "label")
+    groups = _groups(rows)
+    out = {}
+    for intervention in INTERVENTIONS:
+        pred = _numeric(rows, f"{intervention}_pred")
+        if pred.notna().sum() == 0:
+            continue
+        kept = pred.eq(labels).astype(float).where(correct & own & pred.notna(), np.nan)
+        lost = correct & ~own & pred.notna() & pred.ne(labels)
+        landed = pred.eq(label).astype(float).where(lost, np.nan)
+        kept_rates = resampled_rates(kept[own].to_numpy(), groups[own.to_numpy()], thresholds.bootstrap, rng)[:, 0]
+        base_rates = resampled_rates(landed[~own].to_numpy(), groups[~own.to_numpy()], thresholds.bootstrap, rng)[:, 0]
+        kept_rate = _rate(kept[own], kept_rates, thresholds.confidence)
+        base_rate = _rate(landed[~own], base_rates, thresholds.confidence)
+        if kept_rate.value is None:
+            out[intervention] = Reliance(kept_rate, base_rate)
+            continue
+        # where no other image lost its class (or none was drawn), the class is judged against zero
+        excess = kept_rates - np.nan_to_num(base_rates, nan=0.0)
+        low, high = percentile_interval(excess[:, None], thresholds.confidence)
+        value = kept_rate.value - (base_rate.value or 0.0)
+        out[intervention] = Reliance(kept_rate, base_rate, value, _float(low[0]), _float(high[0]))
+    return out
+
+
+def _rate(values: pd.Series, resampled: np.ndarray, confidence: float) -> Rate:
+    defined = values.dropna()
+    low, high = percentile_interval(resampled[:, None], confidence)
+    return Rate(float(defined.sum()), len(defined), _float(low[0]), _float(high[0]))
 
 
 def metadata_slices(rows: pd.DataFrame, flags: pd.DataFrame, column: str, max_values: int = 12) -> pd.DataFrame:

@@ -10,7 +10,7 @@ from pathlib import Path
 from audit.config import DEFAULT_TOLERANCE
 from audit.history import is_run
 from audit.report.compare import COMPARE_FILE, Comparison, compare_runs
-from audit.report.figures import method_title
+from audit.report.figures import kind_title, method_title
 from audit.report.flags import ICONS, STATUSES, ClassResult, assess, malignant_view
 from audit.report.html import GALLERY_FLAGGED, SIZE_WARNING_BYTES, malignant_summary, render_report
 from audit.report.load import ReportInputError, RunData, load_run
@@ -66,10 +66,10 @@ class ReportResult:
 def describe(flag) -> str:
     """One sentence for a flag, e.g. ``off-object (consensus): 92% of images, 95% CI 80-100%, fail at >= 50%``."""
     method = method_title(flag.method)
-    kind = flag.kind.replace("_", " ").replace("off object", "off-object")
+    what = "of correct images beyond the base rate" if flag.kind == "context_reliance" else "of images"
     return (
-        f"{kind} ({method}): {100 * flag.value:.0f}% of images, 95% CI {100 * flag.low:.0f}-{100 * flag.high:.0f}%, "
-        f"{flag.status} at >= {100 * flag.threshold:.0f}%"
+        f"{kind_title(flag.kind)} ({method}): {100 * flag.value:.0f}% {what}, "
+        f"95% CI {100 * flag.low:.0f}-{100 * flag.high:.0f}%, {flag.status} at >= {100 * flag.threshold:.0f}%"
     )
 
 

@@ -4,8 +4,10 @@ Both runs are judged with the same thresholds (the newer run's), so a change of 
 never mistaken for a change of the model. For each class and target kind found in both runs:
 
 * every judged rate (low agreement overall and per counted pair, off-object per method and for
-  the consensus) is shown as baseline -> run with its delta; a rate that rose by more than
-  ``tolerance`` (absolute, 0.05 = 5 points of the class's images) is a *regression*;
+  the consensus, context reliance's excess over its base rate) is shown as baseline -> run
+  with its delta; a rate absent from one run (made before the evidence existed) is shown as
+  absent, never as zero; a rate that rose by more than ``tolerance`` (absolute, 0.05 = 5
+  points of the class's images) is a *regression*;
 * flags are matched by kind and method: *new* (raised now, not before), *resolved* (the other
   way round), *escalated* (warn -> fail) and *eased* (fail -> warn).
 
@@ -22,8 +24,8 @@ from dataclasses import dataclass, field
 from audit.config import DEFAULT_TOLERANCE
 from audit.explain.metrics import LOCALIZED
 from audit.report.aggregate import counted_pairs
-from audit.report.figures import method_title
-from audit.report.flags import STATUSES, ClassResult, Flag, assess, worst
+from audit.report.figures import kind_title, method_title
+from audit.report.flags import FLAG_ORDER, STATUSES, ClassResult, Flag, assess, worst
 from audit.report.load import ReportInputError, RunData
 from audit.report.thresholds import Thresholds
 
@@ -33,7 +35,7 @@ COMPARE_FILE = "compare.json"
 
 @dataclass(frozen=True)
 class RateChange:
-    kind: str  # low_agreement | off_object
+    kind: str  # low_agreement | off_object | context_reliance
     method: str
     baseline: float | None
     run: float | None
@@ -78,7 +80,7 @@ class ClassComparison:
     def regression_lines(self) -> list[str]:
         """One phrase per rate kind: the overall rate (or the largest rise) and the other methods."""
         lines = []
-        for kind in ("off_object", "low_agreement"):
+        for kind in FLAG_ORDER:
             rises = [r for r in self.regressed if r.kind == kind]
             if rises:
                 lead = max(rises, key=lambda r: (r.method in ("all", "consensus"), r.delta))
@@ -100,7 +102,7 @@ class ClassComparison:
             for flag in flags:
                 groups.setdefault((flag.kind, flag.status), []).append(method_title(flag.method))
             for (kind, status), methods in groups.items():
-                what = "off-object" if kind == "off_object" else "low agreement"
+                what = kind_title(kind)
                 level = f" {status}" if change == "new" else ""
                 lines.append(f"{change}{level} {what} ({', '.join(methods)})")
         return lines
@@ -188,6 +190,7 @@ def compare_runs(
     after = {(r.label_name, r.target_kind): r for r in (run_results or assess(run, thresholds))}
     pairs = tuple(p for p in counted_pairs(run.proportional) if p in counted_pairs(baseline.proportional))
     rates = [("low_agreement", m) for m in ("all", *pairs)] + [("off_object", m) for m in LOCALIZED]
+    rates.append(("context_reliance", "occlusion"))
     classes = [_compare_class(before[key], after[key], rates, tolerance) for key in after if key in before]
     if not classes:
         raise ReportInputError(
@@ -211,7 +214,7 @@ def _compare_class(
     before: ClassResult, after: ClassResult, rates: list[tuple[str, str]], tolerance: float
 ) -> ClassComparison:
     changes = [
-        RateChange(kind, method, before.stats.rates[kind][method].value, after.stats.rates[kind][method].value)
+        RateChange(kind, method, judged_value(before, kind, method), judged_value(after, kind, method))
         for kind, method in rates
     ]
     result = ClassComparison(after.label_name, after.target_kind, before, after, changes)
@@ -225,6 +228,15 @@ def _compare_class(
     result.escalated = [f for was, f in kept if (was.status, f.status) == ("warn", "fail")]
     result.eased = [f for was, f in kept if (was.status, f.status) == ("fail", "warn")]
     return result
+
+
+def judged_value(result: ClassResult, kind: str, method: str) -> float | None:
+    """The value a flag of this kind and method is judged on; None where the run did not measure it
+    (a run made before the evidence existed), so a comparison shows it as absent, never as zero."""
+    if kind == "context_reliance":
+        context = result.stats.reliance.get("object_hidden")
+        return context.excess if context is not None else None
+    return result.stats.rates[kind][method].value
 
 
 def differences(baseline: RunData, run: RunData, thresholds: Thresholds) -> list[str]:
@@ -263,7 +275,8 @@ def differences(baseline: RunData, run: RunData, thresholds: Thresholds) -> list
             "and overall low agreement averages different pairs in the two runs"
         )
     bc, rc = b.get("config", {}), r.get("config", {})
-    changed = [k for k in ("masks", "limit", "gradcampp_eps", "grid", "topk", "delta") if bc.get(k) != rc.get(k)]
+    options = ("masks", "evidence", "limit", "gradcampp_eps", "grid", "topk", "delta")
+    changed = [k for k in options if bc.get(k) != rc.get(k)]
     changed += [k for k in ("target_layer",) if bm.get(k) != rm.get(k)]
     if changed:
         notes.append(
@@ -286,8 +299,7 @@ def _key(key: tuple[str, str]) -> str:
 
 def rate_name(kind: str, method: str) -> str:
     """``off-object (consensus)``, ``low agreement (gradcam vs gradcampp)``."""
-    what = "off-object" if kind == "off_object" else "low agreement"
-    return f"{what} ({method_title(method)})"
+    return f"{kind_title(kind)} ({method_title(method)})"
 
 
 def _pct(value: float | None) -> str:

@@ -26,6 +26,14 @@ _COLORS = {"cam": "#1b9e77", "gradcam": "#d95f02", "gradcampp": "#7570b3", "cons
 _PAIR_COLORS = {"cam_gradcam": "#1b9e77", "cam_gradcampp": "#d95f02", "gradcam_gradcampp": "#7570b3"}
 
 
+KIND_TITLES = {"off_object": "off-object", "low_agreement": "low agreement", "context_reliance": "context reliance"}
+
+
+def kind_title(kind: str) -> str:
+    """``off_object`` -> off-object, ``context_reliance`` -> context reliance."""
+    return KIND_TITLES.get(kind, kind.replace("_", " "))
+
+
 def method_title(method: str) -> str:
     """``gradcam`` -> Grad-CAM, ``cam_gradcampp`` -> CAM vs Grad-CAM++, ``all`` -> all counted pairs."""
     if method == "all":

@@ -1,11 +1,17 @@
-"""Flag rules: per class and target kind, ``low_agreement`` and ``off_object``, each warn or fail.
+"""Flag rules: per class and target kind, ``low_agreement``, ``off_object`` and
+``context_reliance``, each warn or fail.
 
 A rate raises a flag when the lower end of its confidence interval reaches the kind's warn
 (or fail) rate, so a flag says "more than this share of the class, beyond sampling noise".
 ``low_agreement`` is judged overall (``all``) and for each counted method pair; CAM vs
 Grad-CAM is not counted when the two are proportional by construction (last feature map of a
 global-average-pool -> linear network). ``off_object`` is judged for each method and for the
-consensus map. A rate over fewer than ``min_rows`` rows is shown but never flagged.
+consensus map. ``context_reliance`` is judged on the excess of the class's kept rate with the
+object hidden over its base rate (:func:`audit.report.aggregate.reliance`). A rate over fewer
+than ``min_rows`` rows is shown but never flagged.
+
+Off-object is evidence from the maps, context reliance from the model's answers: where both
+were measured, :meth:`ClassResult.intervention` says whether they agree.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from audit.explain.metrics import LOCALIZED
-from audit.report.aggregate import BOOTSTRAP_SEED, GroupStats, counted_pairs, indicators, summarize
+from audit.report.aggregate import BOOTSTRAP_SEED, GroupStats, counted_pairs, indicators, reliance, summarize
 from audit.report.load import RunData
 from audit.report.thresholds import Thresholds
 
@@ -25,9 +31,9 @@ ICONS = {"pass": "\u2714", "warn": "\u26a0", "fail": "\u2716"}  # check mark, wa
 
 @dataclass(frozen=True)
 class Flag:
-    kind: str  # low_agreement | off_object
+    kind: str  # low_agreement | off_object | context_reliance
     status: str  # warn | fail
-    method: str  # a method, "consensus", a pair "a_b", or "all"
+    method: str  # a method, "consensus", a pair "a_b", "all", or "occlusion" (context reliance)
     value: float
     threshold: float
     low: float
@@ -62,18 +68,54 @@ class ClassResult:
         """The flags of each kind as one lead flag (the overall one where raised, else the
         strongest) plus the other methods that raised the same kind: what a reader needs first."""
         groups = []
-        for kind in ("off_object", "low_agreement"):
+        for kind in FLAG_ORDER:
             flags = [f for f in self.flags if f.kind == kind]
             if flags:
                 lead = max(flags, key=lambda f: (STATUSES.index(f.status), f.method in ("all", "consensus"), f.value))
                 groups.append(FlagGroup(lead, tuple(f.method for f in flags if f is not lead)))
         return sorted(groups, key=lambda g: -STATUSES.index(g.lead.status))
 
+    def intervention(self) -> tuple[str, str] | None:
+        """Whether the model's answers back the maps: ``(verdict, sentence)``, or None where the run
+        has no occlusion evidence for this class or neither kind of evidence flags it.
+
+        Verdicts: ``confirmed`` (off-object and context-reliant), ``not_confirmed`` (off-object,
+        but hiding the object changes the answers), ``intervention_only`` (context-reliant while
+        the maps lie on the object: too coarse, or the context acts from where they point)."""
+        context = self.stats.reliance.get("object_hidden")
+        if context is None or context.excess is None:
+            return None
+        kinds = {f.kind for f in self.flags}
+        share = f"{_pct(context.kept.value)} of its correct images keep the class with the object hidden"
+        base = f"(base rate {_pct(context.base.value)})"
+        if "off_object" in kinds and "context_reliance" in kinds:
+            return "confirmed", f"confirmed by intervention: {share} {base}"
+        if "off_object" in kinds:
+            return (
+                "not_confirmed",
+                f"not confirmed by intervention: the maps lie off the object, yet only {share} {base}; "
+                "the answers depend on the object more than the maps suggest",
+            )
+        if "context_reliance" in kinds:
+            return (
+                "intervention_only",
+                f"found by intervention only: {share} {base}, while the maps do not lie off the object "
+                "(too coarse, or pointing at the object while the answer comes from elsewhere)",
+            )
+        return None
+
+
+FLAG_ORDER = ("off_object", "context_reliance", "low_agreement")
+
 
 @dataclass(frozen=True)
 class FlagGroup:
     lead: Flag
     others: tuple[str, ...]
+
+
+def _pct(value: float | None) -> str:
+    return "?" if value is None else f"{100 * value:.0f}%"
 
 
 def worst(statuses) -> str:
@@ -86,14 +128,21 @@ def judge(stats: GroupStats, thresholds: Thresholds, pairs: tuple[str, ...]) -> 
     for kind, methods in (("low_agreement", ("all", *pairs)), ("off_object", LOCALIZED)):
         for method in methods:
             rate = stats.rates[kind][method]
-            if rate.scored < thresholds.min_rows or rate.low is None:
-                continue
-            for status in ("fail", "warn"):
-                threshold = thresholds.rate_threshold(kind, status)
-                if rate.low >= threshold:
-                    flags.append(Flag(kind, status, method, rate.value, threshold, rate.low, rate.high))
-                    break
+            if rate.scored >= thresholds.min_rows and rate.low is not None:
+                flags += _raised(kind, method, rate.value, rate.low, rate.high, thresholds)
+    context = stats.reliance.get("object_hidden")
+    if context is not None and context.kept.scored >= thresholds.min_rows and context.low is not None:
+        flags += _raised("context_reliance", "occlusion", context.excess, context.low, context.high, thresholds)
     return sorted(flags, key=lambda f: -STATUSES.index(f.status))
+
+
+def _raised(kind: str, method: str, value: float, low: float, high: float, thresholds: Thresholds) -> list[Flag]:
+    """The flag a rate raises when the low end of its interval reaches the kind's fail or warn rate."""
+    for status in ("fail", "warn"):
+        threshold = thresholds.rate_threshold(kind, status)
+        if low >= threshold:
+            return [Flag(kind, status, method, value, threshold, low, high)]
+    return []
 
 
 def assess(run: RunData, thresholds: Thresholds) -> list[ClassResult]:
@@ -103,10 +152,12 @@ def assess(run: RunData, thresholds: Thresholds) -> list[ClassResult]:
     flags = indicators(rows, thresholds, pairs)
     results = []
     for kind in run.target_kinds:
+        same_kind = rows["target_kind"].eq(kind)
         for label, name in enumerate(run.classes):
             mask = run.class_rows(label, name, kind)
             rng = np.random.default_rng([BOOTSTRAP_SEED, label, run.target_kinds.index(kind)])
             stats = summarize(rows[mask], flags[mask], thresholds, rng)
+            stats.reliance = reliance(rows[same_kind], label, mask[same_kind], thresholds, rng)
             result = ClassResult(label, name, kind, stats, judge(stats, thresholds, pairs))
             result.judged = stats.scored >= thresholds.min_rows
             results.append(result)

@@ -39,7 +39,8 @@ SIZE_WARNING_BYTES = 20_000_000  # above this the file is slow to open and to at
 
 @dataclass
 class Card:
-    """One gallery entry: the image with the mask contour, then one overlay per method."""
+    """One gallery entry: the image with the mask contour, the image with its object hidden where
+    the class answers without it, then one overlay per method."""
 
     image_id: str
     reasons: list[str]
@@ -47,6 +48,7 @@ class Card:
     pred_name: str
     pictures: list[tuple[str, figures.Picture | None]] = field(default_factory=list)
     missing: str | None = None
+    hidden_name: str | None = None  # the class predicted with the object hidden, shown beside it
 
 
 def render_report(
@@ -60,7 +62,9 @@ def render_report(
     environment = Environment(
         loader=PackageLoader("audit.report"), autoescape=True, trim_blocks=True, lstrip_blocks=True
     )
-    environment.filters.update(pct=_pct, num=_num, ci=_ci, delta=_delta, method=figures.method_title)
+    environment.filters.update(
+        pct=_pct, num=_num, ci=_ci, delta=_delta, method=figures.method_title, kind=figures.kind_title
+    )
     script = resources.files("audit.report").joinpath("templates/report.js").read_text(encoding="utf-8")
     pairs = counted_pairs(run.proportional)
     flags = indicators(run.rows, thresholds, pairs)
@@ -122,7 +126,8 @@ def _class_section(
 def _gallery(
     run: RunData, results: list[ClassResult], flags: pd.DataFrame, pairs: tuple[str, ...], cap: int
 ) -> dict[tuple[int, str], list[Card]]:
-    """The worst cases of each class: the most off-object and the least agreeing rows, interleaved."""
+    """The worst cases of each class, interleaved: the most off-object rows, the least agreeing
+    ones and, in a context-reliant class, the correct rows that keep the class with the object hidden."""
     chosen: dict[tuple[int, str], list[Card]] = {}
     for result in results:
         limit = cap if result.flags else min(cap, GALLERY_PASSING)
@@ -132,11 +137,13 @@ def _gallery(
         agreement = agreement.mean(axis=1) if len(pairs) else pd.Series(np.nan, index=rows.index)
         off = energy[flags.loc[rows.index, "off_object:consensus"].eq(1)].sort_values(kind="stable")
         low = agreement[flags.loc[rows.index, "low_agreement:all"].eq(1)].sort_values(kind="stable")
-        if off.empty and low.empty:  # nothing below a threshold: show the lowest energies
+        kept = _kept_without_object(rows, result)
+        if off.empty and low.empty and kept.empty:  # nothing below a threshold: show the lowest energies
             off = energy.dropna().sort_values(kind="stable")
         picked: dict[int, list[str]] = {}
-        for index_off, index_low in _zip_longest(list(off.index), list(low.index)):
+        for index_kept, index_off, index_low in _zip_longest(list(kept.index), list(off.index), list(low.index)):
             for index, reason in (
+                (index_kept, f"kept {result.label_name} with the object hidden ({_pct(kept.get(index_kept))})"),
                 (index_off, f"energy in mask {_num(energy.get(index_off))}"),
                 (index_low, f"agreement {_num(agreement.get(index_low))}"),
             ):
@@ -145,11 +152,28 @@ def _gallery(
             if len(picked) >= limit:
                 break
         chosen[(result.label, result.target_kind)] = [
-            Card(str(rows.at[i, "image_id"]), reasons, _plain(rows.loc[i]), _class_name(run, rows.at[i, "pred"]))
+            Card(
+                str(rows.at[i, "image_id"]),
+                reasons,
+                _plain(rows.loc[i]),
+                _class_name(run, rows.at[i, "pred"]),
+                hidden_name=_class_name(run, rows.at[i, "object_hidden_pred"]) if i in kept.index else None,
+            )
             for i, reasons in picked.items()
         ]
     _draw_cards(run, [card for cards in chosen.values() for card in cards])
     return chosen
+
+
+def _kept_without_object(rows: pd.DataFrame, result: ClassResult) -> pd.Series:
+    """In a class flagged context-reliant: the target's probability with the object hidden of its
+    correct rows that keep the class, highest first; empty otherwise."""
+    if not any(f.kind == "context_reliance" for f in result.flags):
+        return pd.Series(dtype=float)
+    hidden = pd.to_numeric(rows["object_hidden_pred"], errors="coerce")
+    kept = rows["correct"].eq(True) & hidden.eq(result.label)
+    prob = pd.to_numeric(rows.loc[kept, "object_hidden_prob"], errors="coerce")
+    return prob.sort_values(ascending=False, kind="stable")
 
 
 def _draw_cards(run: RunData, cards: list[Card]) -> None:
@@ -171,6 +195,10 @@ def _draw_cards(run: RunData, cards: list[Card]) -> None:
         thumb = figures.thumbnail(rgb)
         contour = _object_mask(card.row, rgb, run.input_size)
         card.pictures.append(("image", figures.jpeg(figures.outline(thumb, contour))))
+        if card.hidden_name is not None:
+            hidden = _object_hidden(rgb, contour, run.input_size)
+            title = f"object hidden: {card.hidden_name}"
+            card.pictures.append((title, None if hidden is None else figures.jpeg(figures.thumbnail(hidden))))
         index = where.get((card.image_id, card.row["target_kind"]))
         for method in METHODS:
             saliency = map_array(maps, method, index) if index is not None else None
@@ -194,6 +222,22 @@ def _object_mask(row: dict, rgb: np.ndarray, input_size: tuple[int, int]) -> np.
     if all(isinstance(row.get(c), float) for c in BOX_COLUMNS):
         return figures.box_mask(rgb.shape[:2], tuple(row[c] for c in BOX_COLUMNS))
     return None
+
+
+def _object_hidden(rgb: np.ndarray, mask: np.ndarray | None, input_size: tuple[int, int]) -> np.ndarray | None:
+    """The image as the model saw it with its object hidden (the run's own counterfactual)."""
+    import torch
+
+    from audit.explain.evidence import counterfactuals, dilation_radius
+
+    if mask is None:
+        return None
+    h, w = input_size
+    resized = np.array(Image.fromarray(rgb).resize((w, h), Image.Resampling.BILINEAR))
+    small = np.array(Image.fromarray(mask.astype(np.uint8)).resize((w, h), Image.Resampling.NEAREST)) > 0
+    image = torch.from_numpy(resized).permute(2, 0, 1)[None].float() / 255
+    hidden = counterfactuals(image, torch.from_numpy(small)[None], dilation_radius(input_size)).object_hidden
+    return (hidden[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
 def _plain(row: pd.Series) -> dict:
@@ -248,9 +292,9 @@ def _values(rows: pd.DataFrame, column: str) -> np.ndarray:
     return pd.to_numeric(rows[column], errors="coerce").to_numpy(dtype=float)
 
 
-def _zip_longest(a: list, b: list):
-    for i in range(max(len(a), len(b))):
-        yield (a[i] if i < len(a) else None), (b[i] if i < len(b) else None)
+def _zip_longest(*lists: list):
+    for i in range(max(map(len, lists))):
+        yield tuple(items[i] if i < len(items) else None for items in lists)
 
 
 def _pct(value) -> str:

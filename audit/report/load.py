@@ -20,7 +20,13 @@ from audit.data.manifest import BOX_COLUMNS
 from audit.errors import AuditError
 from audit.explain.methods import METHODS
 from audit.history import RUN_FILE, resolve_run
-from audit.pipeline.schema import AGREEMENT_COLUMNS, LOC_DELTA_COLUMNS, LOCALIZATION_COLUMNS, MAP_COLUMNS
+from audit.pipeline.schema import (
+    AGREEMENT_COLUMNS,
+    EVIDENCE_COLUMNS,
+    LOC_DELTA_COLUMNS,
+    LOCALIZATION_COLUMNS,
+    MAP_COLUMNS,
+)
 
 OUTPUT_DIR = "explanations"
 
@@ -45,6 +51,7 @@ ROW_COLUMNS = (
     "mask_path",
     *AGREEMENT_COLUMNS,
     *LOCALIZATION_COLUMNS,
+    *EVIDENCE_COLUMNS,  # absent in runs made before the evidence existed: loaded as nulls
 )
 # Columns of the run itself and of the manifest's plumbing: everything else is metadata to slice by.
 NOT_METADATA = {
@@ -88,6 +95,12 @@ class RunData:
         """Rows of one class and target kind (error rows of the manifest stage carry only a name)."""
         same_class = self.rows["label"].eq(label) | self.rows["label_name"].eq(label_name)
         return self.rows["target_kind"].eq(target_kind) & same_class
+
+    @property
+    def map_size(self) -> tuple[int, int] | None:
+        """(h, w) of the run's maps at the target layer, from run.json."""
+        shape = self.info["model"].get("feature_shape")
+        return (int(shape[-2]), int(shape[-1])) if shape and len(shape) >= 2 else None
 
     @property
     def input_size(self) -> tuple[int, int]:

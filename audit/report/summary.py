@@ -6,11 +6,22 @@ The contract (../shared/DESIGN.md): ``run_id``, ``status`` (pass|warn|fail), ``t
 ({``kind``, ``status``, ``method``, ``value``, ``threshold``}). A rate is
 ``{"value", "ci": [low, high], "n"}`` with ``n`` the rows it was measured on; null where
 nothing could be measured.
+
+Evidence by intervention, where the run computed it (null or absent otherwise): per class
+``context_reliance`` and ``object_sufficiency`` (``kept``, ``base`` and ``excess``, see
+:class:`audit.report.aggregate.Reliance`), ``faithfulness`` (``average_drop`` and ``increase``
+per method and the consensus) and ``intervention`` ({``verdict``, ``note``}: whether the model's
+answers back the off-object evidence); for the run, ``faithfulness``: the overall means and
+the most faithful method (lowest Average Drop, then highest Increase in Confidence).
 """
 
 from __future__ import annotations
 
-from audit.report.aggregate import counted_pairs
+import pandas as pd
+
+from audit.explain.metrics import LOCALIZED
+from audit.models.anatomy import MIN_MAP_SIDE
+from audit.report.aggregate import FAITHFULNESS_KINDS, counted_pairs
 from audit.report.flags import ClassResult, worst
 from audit.report.load import RunData
 from audit.report.thresholds import Thresholds
@@ -28,6 +39,9 @@ def make_summary(
             "CAM and Grad-CAM are proportional by construction on this model (last feature map of a "
             "global-average-pool -> linear network): their agreement is not counted as evidence."
         )
+    coarse = coarse_maps_note(run)
+    if coarse:
+        notes.append(coarse)
     if run.info.get("status") != "complete":
         notes.append(f"the run is {run.info.get('status', 'unknown')}: rates cover the rows it holds")
     summary = {
@@ -43,9 +57,46 @@ def make_summary(
         "notes": notes,
         "classes": [_class_entry(r) for r in results],
     }
+    faithful = run_faithfulness(run)
+    if faithful:
+        summary["faithfulness"] = faithful
     if malignant:
         summary["malignant_vs_benign"] = malignant
     return summary
+
+
+def coarse_maps_note(run: RunData) -> str | None:
+    """The rule: maps with fewer than MIN_MAP_SIDE cells on a side cannot localize small objects."""
+    size = run.map_size
+    if size is None or min(size) >= MIN_MAP_SIDE:
+        return None
+    layer = run.info["model"].get("target_layer")
+    finer = run.info["model"].get("finer_layer")
+    suggestion = (
+        f"; a finer layer: --target-layer {finer[0]} ({finer[1]}x{finer[2]})" if finer else "; no finer layer was found"
+    )
+    return (
+        f"the maps are {size[0]}x{size[1]} at {layer}: fewer than {MIN_MAP_SIDE} cells on a side, too coarse for "
+        "localization evidence (off-object, energy in mask) to be trusted on objects a few cells wide; the "
+        f"evidence by intervention does not depend on map resolution{suggestion}"
+    )
+
+
+def run_faithfulness(run: RunData) -> dict | None:
+    """Average Drop % and Increase in Confidence % over all ok rows of the first target kind, per
+    method, and the most faithful method; None for a run without the faithfulness measures."""
+    rows = run.rows[run.rows["status"].eq("ok") & run.rows["target_kind"].eq(run.target_kinds[0])]
+    means = {}
+    for kind, prefix in zip(FAITHFULNESS_KINDS, ("drop", "increase")):
+        for method in LOCALIZED:
+            values = pd.to_numeric(rows[f"{prefix}_{method}"], errors="coerce").dropna()
+            if len(values):
+                means.setdefault(kind, {})[method] = round(float(values.mean()), 4)
+    if not means:
+        return None
+    methods = [m for m in means["average_drop"] if m != "consensus"]
+    best = min(methods, key=lambda m: (means["average_drop"][m], -means["increase"][m]), default=None)
+    return {"target_kind": run.target_kinds[0], "rows": int(len(rows)), **means, "most_faithful": best}
 
 
 def _class_entry(result: ClassResult) -> dict:
@@ -65,4 +116,20 @@ def _class_entry(result: ClassResult) -> dict:
         "energy_in_mask": stats.energy,
         "agreement": stats.agreement,
         "flags": [f.to_dict() for f in result.flags],
+        **_evidence_entry(result),
     }
+
+
+def _evidence_entry(result: ClassResult) -> dict:
+    stats = result.stats
+    entry = {}
+    for name, intervention in (("context_reliance", "object_hidden"), ("object_sufficiency", "object_alone")):
+        if intervention in stats.reliance:
+            entry[name] = stats.reliance[intervention].to_dict()
+    faithful = {kind: {m: r.to_dict() for m, r in stats.evidence(kind).items()} for kind in FAITHFULNESS_KINDS}
+    if any(faithful.values()):
+        entry["faithfulness"] = faithful
+    verdict = result.intervention()
+    if "context_reliance" in entry:
+        entry["intervention"] = {"verdict": verdict[0], "note": verdict[1]} if verdict else None
+    return entry

@@ -6,7 +6,9 @@ A row is *off-object* for a method when less than ``energy_min`` of the map's ma
 object mask and less than ``lift_min`` times what a map spread evenly over the image would put
 there (``mask_area``, the mask's share of the image). A class gets a flag when the share of such
 rows is high beyond sampling noise: the lower end of its bootstrap confidence interval
-(resampling lesion groups) reaches the warn or fail rate.
+(resampling lesion groups) reaches the warn or fail rate. A class is *context-reliant* when
+its correctly predicted images keep the class with the object hidden more often than other
+classes' images fall into it (the base rate): the same rule applies to that excess.
 
 Defaults, and why:
 
@@ -23,6 +25,12 @@ Defaults, and why:
   ``energy_min / lift_min`` (40%) of the image are affected.
 * ``*_warn = 0.25``: a quarter of a class's images is a pattern worth a look, not a few hard cases.
 * ``*_fail = 0.5``: half or more means the class's explanations are dominated by it.
+* ``context_reliance_warn = 0.25`` and ``context_reliance_fail = 0.5``, on the excess of the
+  class's kept rate over its base rate: with the object hidden, a quarter of the class's
+  correct answers survive beyond the model's fallback, so a quarter of them rest on something
+  other than the object (a partial shortcut); half or more, the class is mostly answered from
+  its context. Unlike off-object, this tests the model, not the map, so it holds at any map
+  resolution.
 * ``min_rows = 10``: a class with fewer scored rows is shown but not judged: a bootstrap over a
   handful of images says little.
 * ``confidence = 0.95`` and ``bootstrap = 2000`` resamples: the usual interval, stable to about
@@ -35,6 +43,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 from audit.errors import AuditError
+
+FLAG_KINDS = ("low_agreement", "off_object", "context_reliance")
 
 
 class ThresholdError(AuditError):
@@ -49,6 +59,9 @@ HELP = {
     "low_agreement_fail": "fail when this share of a class disagrees",
     "off_object_warn": "warn when this share of a class is off-object",
     "off_object_fail": "fail when this share of a class is off-object",
+    "context_reliance_warn": "warn when this share of a class's correct images keeps the class with the object "
+    "hidden, beyond the base rate",
+    "context_reliance_fail": "fail when this share keeps the class with the object hidden, beyond the base rate",
     "min_rows": "classes with fewer scored images are not judged",
     "confidence": "level of the bootstrap confidence intervals",
     "bootstrap": "bootstrap resamples",
@@ -64,16 +77,18 @@ class Thresholds:
     low_agreement_fail: float = 0.5
     off_object_warn: float = 0.25
     off_object_fail: float = 0.5
+    context_reliance_warn: float = 0.25
+    context_reliance_fail: float = 0.5
     min_rows: int = 10
     confidence: float = 0.95
     bootstrap: int = 2000
 
     def __post_init__(self) -> None:
-        for name in ("energy_min", "low_agreement_warn", "low_agreement_fail", "off_object_warn", "off_object_fail"):
+        for name in ("energy_min", *(f"{kind}_{status}" for kind in FLAG_KINDS for status in ("warn", "fail"))):
             _require(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1], got {getattr(self, name)}")
         _require(-1 <= self.agreement_min <= 1, f"agreement_min must be in [-1, 1], got {self.agreement_min}")
         _require(self.lift_min >= 0, f"lift_min must be >= 0, got {self.lift_min}")
-        for kind in ("low_agreement", "off_object"):
+        for kind in FLAG_KINDS:
             warn, fail = getattr(self, f"{kind}_warn"), getattr(self, f"{kind}_fail")
             _require(warn <= fail, f"{kind}_warn ({warn}) must not exceed {kind}_fail ({fail})")
         _require(self.min_rows >= 1, f"min_rows must be >= 1, got {self.min_rows}")
