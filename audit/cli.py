@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import click
 
 from audit import __version__
-from audit.config import DATASETS, DEFAULT_TOLERANCE, EVIDENCE, MASKS, TARGETS
+from audit.config import CLUSTER_METHODS, DATASETS, DEFAULT_TOLERANCE, EVIDENCE, MASKS, TARGETS
 from audit.errors import AuditError
 
 if TYPE_CHECKING:
@@ -77,18 +77,32 @@ FAIL_ON = click.option(
     default=None,
     help="exit 1 when a class's status reaches this level",
 )
+CLUSTER_METHOD = click.option(
+    "--cluster-method",
+    type=click.Choice(CLUSTER_METHODS),
+    default=None,
+    help="maps clustered into strategies per class [default: the run's, else consensus]",
+)
 GALLERY = click.option(
     "--gallery", default=8, show_default=True, type=click.IntRange(min=0), help="worst cases shown per flagged class"
 )
 
 
 def _report(
-    run_dir: Path, overrides: dict, gallery: int, stream, baseline: str | None = None, tolerance=DEFAULT_TOLERANCE
+    run_dir: Path,
+    overrides: dict,
+    gallery: int,
+    stream,
+    baseline: str | None = None,
+    tolerance=DEFAULT_TOLERANCE,
+    cluster_method: str | None = None,
 ) -> ReportResult:
     from audit.report import build_report
 
     baseline_dir = Path(baseline) if baseline else None
-    result = build_report(run_dir, overrides, gallery=gallery, baseline=baseline_dir, tolerance=tolerance)
+    result = build_report(
+        run_dir, overrides, gallery=gallery, baseline=baseline_dir, tolerance=tolerance, cluster_method=cluster_method
+    )
     for line in result.headline():
         click.echo(line, file=stream)
     return result
@@ -189,6 +203,11 @@ TOLERANCE = click.option(
     type=click.IntRange(min=0),
     help=f"worst cases shown per flagged class [default: {_default('gallery')}]",
 )
+@click.option(
+    "--cluster-method",
+    type=click.Choice(CLUSTER_METHODS),
+    help=f"maps the report clusters into strategies per class [default: {_default('cluster_method')}]",
+)
 @threshold_options
 @click.pass_context
 def run_command(ctx: click.Context, config_file: Path | None, resume_dir: Path | None, batch_delay: float, **_) -> None:
@@ -261,16 +280,20 @@ def _run_config(run_dir: Path):
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @FAIL_ON
 @GALLERY
+@CLUSTER_METHOD
 @click.option("--json", "as_json", is_flag=True, help="print summary.json instead of the verdict lines")
 @threshold_options
-def report_command(run_dir: Path, fail_on: str | None, gallery: int, as_json: bool, **options) -> None:
+def report_command(
+    run_dir: Path, fail_on: str | None, gallery: int, cluster_method: str | None, as_json: bool, **options
+) -> None:
     """Aggregate a run per class, flag it, and write summary.json and report.html into RUN_DIR.
 
     Reads only the columns it needs and recomputes no map, so thresholds can change freely.
     Thresholds not given here are the run's own (its config), else the defaults. Exits 0 when
     no class reaches --fail-on, 1 when one does, 2 when RUN_DIR is not a readable run.
     """
-    result = _report(run_dir, _thresholds(options), gallery, sys.stderr if as_json else sys.stdout)
+    stream = sys.stderr if as_json else sys.stdout
+    result = _report(run_dir, _thresholds(options), gallery, stream, cluster_method=cluster_method)
     click.echo(json.dumps(result.summary, indent=2) if as_json else f"report: {result.html_path}")
     if fail_on and result.reaches(fail_on):
         sys.exit(1)
@@ -282,6 +305,7 @@ def report_command(run_dir: Path, fail_on: str | None, gallery: int, as_json: bo
 @FAIL_ON
 @TOLERANCE
 @GALLERY
+@CLUSTER_METHOD
 @click.option("--json", "as_json", is_flag=True, help="print compare.json instead of the verdict lines")
 @threshold_options
 def compare_command(
@@ -290,6 +314,7 @@ def compare_command(
     fail_on: str | None,
     tolerance: float | None,
     gallery: int,
+    cluster_method: str | None,
     as_json: bool,
     **options,
 ) -> None:
@@ -310,6 +335,7 @@ def compare_command(
         gallery=gallery,
         baseline=baseline_run,
         tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance,
+        cluster_method=cluster_method,
     )
     for line in result.comparison.headline():
         click.echo(line, file=stream)

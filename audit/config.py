@@ -29,6 +29,7 @@ DATASETS = ("ham10000", "imagefolder", "manifest", "synthetic")
 TARGETS = ("pred", "label", "both")
 MASKS = ("auto", "provided", "estimate", "none")
 EVIDENCE = ("none", "occlusion", "faithfulness", "all")
+CLUSTER_METHODS = ("consensus", "cam", "gradcam", "gradcampp")
 DEFAULT_TOLERANCE = 0.05  # `audit compare`: a rate that rose by more than this is a regression
 REQUIRED = ("dataset", "checkpoint")
 PATH_KEYS = ("checkpoint", "data_dir", "out", "baseline")
@@ -70,7 +71,8 @@ class RunConfig:
     ``out/name/<run_id>/`` (default: the name of ``data_dir``, else the dataset kind).
     ``actors``: explain actors (default: one per GPU, else one per node). ``keep``: how many
     runs of this audit to keep (the baseline and the ``latest`` run are never deleted).
-    ``baseline``: a run to compare with at the end. ``fail_on``: exit 1 when the report, or the
+    ``baseline``: a run to compare with at the end. ``cluster_method``: the maps the report
+    clusters into strategies per class (:mod:`audit.report.clusters`). ``fail_on``: exit 1 when the report, or the
     comparison, reaches this status. ``thresholds``: the report's flag thresholds that differ
     from the defaults (:class:`audit.report.Thresholds`). None of these changes a computed row.
     """
@@ -96,6 +98,7 @@ class RunConfig:
     keep: int | None = None
     report: bool = True
     gallery: int = 8
+    cluster_method: Literal["consensus", "cam", "gradcam", "gradcampp"] = "consensus"
     fail_on: Literal["warn", "fail"] | None = None
     baseline: str | None = None
     tolerance: float = DEFAULT_TOLERANCE

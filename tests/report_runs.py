@@ -95,6 +95,7 @@ def write_run(
     input_size: tuple[int, int] = (48, 64),
     thresholds: dict | None = None,
     model_sha: str = "0" * 64,
+    map_shape: tuple[int, int] = MAP_SHAPE,
 ) -> Path:
     """A run directory holding ``rows`` in one explanations file, and a run.json that describes it."""
     manifest_fields = [
@@ -125,7 +126,7 @@ def write_run(
             "classes": classes,
             "input_size": list(input_size),
             "target_layer": "layer4",
-            "feature_shape": [512, *MAP_SHAPE],
+            "feature_shape": [512, *map_shape],
             "cam_head": "fc",
             "cam_note": None,
             "gradcam_proportional_to_cam": proportional,

@@ -18,16 +18,13 @@ from audit.explain.evidence import (
     gather_evidence,
     skin_fill,
 )
-from audit.explain.metrics import score_batch
 from audit.report import build_report
 from audit.report.flags import assess
 from audit.report.load import load_run
 from audit.report.thresholds import Thresholds
 from tests.conftest import random_images, random_model
-from tests.evidence_models import FALLBACK, SHORTCUT, SKIN, ColourDetectorNet, make_images
+from tests.evidence_models import CLASSES, FALLBACK, SKIN, ColourDetectorNet, audited_rows, make_images
 from tests.report_runs import score_row, write_run
-
-CLASSES = ["sticker", "fallback", "brown", "blue"]
 
 
 def test_hiding_the_object_fills_it_with_the_skin_colour_and_leaves_the_rest():
@@ -127,34 +124,13 @@ def test_rows_without_a_mask_get_no_occlusion_evidence():
     assert gather_evidence(engine, images, [explanation], ("occlusion",), None)[0].columns() == {}
 
 
-def _audited_rows(shortcut: bool, per_class: int = 24, off_object: dict | None = None) -> list[dict]:
-    """Rows as the explain actor writes them, for the hand-built model on images of known truth:
-    maps, localization scores and evidence all computed, nothing made up."""
-    labels = [label for label in range(4) for _ in range(per_class)]
-    images, masks = make_images(labels, [label == SHORTCUT for label in labels])
-    engine = ExplainEngine(ColourDetectorNet(shortcut), (32, 32))
-    explanation = engine(images)
-    columns = score_batch(explanation.maps, explanation.empty, masks).columns()
-    columns.update(gather_evidence(engine, images, [explanation], ("occlusion", "faithfulness"), masks)[0].columns())
-    rows = []
-    for i, label in enumerate(labels):
-        pred = int(explanation.preds[i])
-        values = {name: column[i] for name, column in columns.items()}
-        if off_object and label in off_object:  # pretend the maps said otherwise
-            values.update({f"energy_in_mask_{m}": off_object[label] for m in ("cam", "gradcam", "gradcampp")})
-            values["energy_in_mask_consensus"] = off_object[label]
-        row = score_row(f"{CLASSES[label]}{i}", label, CLASSES, pred=pred, target=pred, correct=pred == label)
-        rows.append({**row, **values, "mask_area": float(masks[i].float().mean())})
-    return rows
-
-
 def _results(tmp_path, rows):
-    run_dir = write_run(tmp_path / "run", rows, CLASSES, proportional=True, input_size=(32, 32))
+    run_dir = write_run(tmp_path / "run", rows, CLASSES, proportional=True, input_size=(32, 32), map_shape=(32, 32))
     return {r.label_name: r for r in assess(load_run(run_dir), Thresholds())}, run_dir
 
 
 def test_a_model_that_answers_from_a_corner_sticker_is_context_reliant_and_only_it(tmp_path):
-    results, _ = _results(tmp_path, _audited_rows(shortcut=True))
+    results, _ = _results(tmp_path, audited_rows(shortcut=True))
     sticker = results["sticker"].stats.reliance["object_hidden"]
     assert sticker.kept.value == 1.0 and sticker.base.value == 0.0 and sticker.excess == 1.0
     assert [(f.kind, f.status) for f in results["sticker"].flags if f.kind == "context_reliance"] == [
@@ -174,14 +150,14 @@ def test_a_model_that_answers_from_a_corner_sticker_is_context_reliant_and_only_
 
 
 def test_a_clean_model_falling_back_on_one_class_flags_nothing(tmp_path):
-    results, _ = _results(tmp_path, _audited_rows(shortcut=False))
+    results, _ = _results(tmp_path, audited_rows(shortcut=False))
     fallback = results["fallback"].stats.reliance["object_hidden"]
     assert fallback.kept.value == 1.0 and fallback.excess <= 0.0  # every object-less image lands there
     assert all(r.status == "pass" and r.intervention() is None for r in results.values())
 
 
 def test_off_object_without_context_reliance_is_not_confirmed(tmp_path):
-    results, _ = _results(tmp_path, _audited_rows(shortcut=False, off_object={2: 0.05}))
+    results, _ = _results(tmp_path, audited_rows(shortcut=False, off_object={2: 0.05}))
     brown = results["brown"]
     assert {f.kind for f in brown.flags} == {"off_object"}
     verdict, sentence = brown.intervention()
@@ -189,7 +165,7 @@ def test_off_object_without_context_reliance_is_not_confirmed(tmp_path):
 
 
 def test_summary_and_report_show_the_evidence(tmp_path):
-    _, run_dir = _results(tmp_path, _audited_rows(shortcut=True))
+    _, run_dir = _results(tmp_path, audited_rows(shortcut=True))
     result = build_report(run_dir)
     entry = next(c for c in result.summary["classes"] if c["label_name"] == "sticker")
     assert entry["context_reliance"]["excess"]["value"] == 1.0 and entry["intervention"]["verdict"] == "confirmed"

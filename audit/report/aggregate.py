@@ -145,7 +145,7 @@ def summarize(
     ok = rows["status"].eq("ok")
     correct = rows.loc[ok, "correct"].dropna()
     low, high = group_bootstrap(
-        flags.to_numpy(dtype=float), _groups(rows), thresholds.bootstrap, thresholds.confidence, rng
+        flags.to_numpy(dtype=float), lesion_groups(rows), thresholds.bootstrap, thresholds.confidence, rng
     )
     rates: dict[str, dict[str, Rate]] = {}
     for j, column in enumerate(flags.columns):
@@ -192,7 +192,7 @@ def resampled_rates(
     Each resample draws as many groups as there are, with replacement; the rate of a resample is
     its hits over its scored rows, so large groups weigh as much as their rows."""
     values = np.asarray(values, dtype=float)
-    values = values.reshape(len(groups), -1) if values.ndim == 1 else values
+    values = values[:, None] if values.ndim == 1 else values
     r = values.shape[1]
     if len(values) == 0:
         return np.full((samples, r), np.nan)
@@ -223,41 +223,62 @@ def percentile_interval(rates: np.ndarray, confidence: float) -> tuple[np.ndarra
     return low, high
 
 
-def reliance(
-    rows: pd.DataFrame,
-    label: int,
-    own: pd.Series,
-    thresholds: Thresholds,
-    rng: np.random.Generator | None = None,
-) -> dict[str, Reliance]:
-    """Context reliance and object sufficiency of class ``label`` against their base rates.
+@dataclass(frozen=True)
+class BaseRate:
+    """Under one intervention, the share of other classes' correct images that lose their class
+    and land on class c instead: the rate, and its group resamples (for the excess's interval)."""
 
-    ``rows`` are the ok and error rows of one target kind; ``own`` marks the class's rows among
-    them. Only interventions the run measured are returned."""
-    rng = rng or np.random.default_rng(BOOTSTRAP_SEED)
+    rate: Rate
+    resampled: np.ndarray
+
+
+def base_rates(
+    rows: pd.DataFrame, label: int, others: pd.Series, thresholds: Thresholds, rng: np.random.Generator
+) -> dict[str, BaseRate]:
+    """Class ``label``'s base rate under each intervention the run measured, from ``others``: the
+    rows of the other classes among ``rows`` (one target kind)."""
     correct = rows["status"].eq("ok") & rows["correct"].eq(True)
     labels = _numeric(rows, "label")
-    groups = _groups(rows)
     out = {}
     for intervention in INTERVENTIONS:
         pred = _numeric(rows, f"{intervention}_pred")
         if pred.notna().sum() == 0:
             continue
-        kept = pred.eq(labels).astype(float).where(correct & own & pred.notna(), np.nan)
-        lost = correct & ~own & pred.notna() & pred.ne(labels)
-        landed = pred.eq(label).astype(float).where(lost, np.nan)
-        kept_rates = resampled_rates(kept[own].to_numpy(), groups[own.to_numpy()], thresholds.bootstrap, rng)[:, 0]
-        base_rates = resampled_rates(landed[~own].to_numpy(), groups[~own.to_numpy()], thresholds.bootstrap, rng)[:, 0]
-        kept_rate = _rate(kept[own], kept_rates, thresholds.confidence)
-        base_rate = _rate(landed[~own], base_rates, thresholds.confidence)
+        lost = correct & others & pred.notna() & pred.ne(labels)
+        landed = pred[lost].eq(label).astype(float)
+        resampled = resampled_rates(landed.to_numpy(), lesion_groups(rows[lost]), thresholds.bootstrap, rng)[:, 0]
+        out[intervention] = BaseRate(_rate(landed, resampled, thresholds.confidence), resampled)
+    return out
+
+
+def reliance(
+    rows: pd.DataFrame,
+    own: pd.Series,
+    bases: dict[str, BaseRate],
+    thresholds: Thresholds,
+    rng: np.random.Generator | None = None,
+) -> dict[str, Reliance]:
+    """Context reliance and object sufficiency of the ``own`` rows (a class's, or one strategy
+    cluster's, among ``rows`` of one target kind) against their class's ``bases``
+    (:func:`base_rates`), for each intervention there."""
+    rng = rng or np.random.default_rng(BOOTSTRAP_SEED)
+    judged = own & rows["status"].eq("ok") & rows["correct"].eq(True)
+    labels = _numeric(rows, "label")
+    out = {}
+    for intervention, base in bases.items():
+        pred = _numeric(rows, f"{intervention}_pred")
+        chosen = judged & pred.notna()
+        kept = pred[chosen].eq(labels[chosen]).astype(float)
+        kept_rates = resampled_rates(kept.to_numpy(), lesion_groups(rows[chosen]), thresholds.bootstrap, rng)[:, 0]
+        kept_rate = _rate(kept, kept_rates, thresholds.confidence)
         if kept_rate.value is None:
-            out[intervention] = Reliance(kept_rate, base_rate)
+            out[intervention] = Reliance(kept_rate, base.rate)
             continue
         # where no other image lost its class (or none was drawn), the class is judged against zero
-        excess = kept_rates - np.nan_to_num(base_rates, nan=0.0)
+        excess = kept_rates - np.nan_to_num(base.resampled, nan=0.0)
         low, high = percentile_interval(excess[:, None], thresholds.confidence)
-        value = kept_rate.value - (base_rate.value or 0.0)
-        out[intervention] = Reliance(kept_rate, base_rate, value, _float(low[0]), _float(high[0]))
+        value = kept_rate.value - (base.rate.value or 0.0)
+        out[intervention] = Reliance(kept_rate, base.rate, value, _float(low[0]), _float(high[0]))
     return out
 
 
@@ -293,7 +314,8 @@ def metadata_slices(rows: pd.DataFrame, flags: pd.DataFrame, column: str, max_va
     return table.reset_index().sort_values("n", ascending=False, kind="stable").reset_index(drop=True)
 
 
-def _groups(rows: pd.DataFrame) -> np.ndarray:
+def lesion_groups(rows: pd.DataFrame) -> np.ndarray:
+    """Each row's bootstrap group: its `group` (a lesion), or the image itself where it has none."""
     group = rows["group"] if "group" in rows else pd.Series(None, index=rows.index, dtype=object)
     group = group.astype(object).where(group.notna() & group.astype(str).ne(""), None)
     return np.where(group.isna(), "image:" + rows["image_id"].astype(str), "group:" + group.astype(str))

@@ -59,6 +59,8 @@ class ReportResult:
                 also = f"; also {', '.join(method_title(m) for m in group.others)}" if group.others else ""
                 where = f"{result.label_name} ({result.target_kind})"
                 lines.append(f"  {ICONS[group.lead.status]} {where}: {describe(group.lead)}{also}")
+            for flag in result.cluster_flags:
+                lines.append(f"  {ICONS[flag.status]} {result.label_name} ({result.target_kind}): {describe(flag)}")
         compared = self.comparison.headline() if self.comparison is not None else []
         return lines + compared + self.warnings
 
@@ -67,8 +69,9 @@ def describe(flag) -> str:
     """One sentence for a flag, e.g. ``off-object (consensus): 92% of images, 95% CI 80-100%, fail at >= 50%``."""
     method = method_title(flag.method)
     what = "of correct images beyond the base rate" if flag.kind == "context_reliance" else "of images"
+    where = f"strategy cluster at the {flag.cluster}: " if flag.cluster else ""
     return (
-        f"{kind_title(flag.kind)} ({method}): {100 * flag.value:.0f}% {what}, "
+        f"{where}{kind_title(flag.kind)} ({method}): {100 * flag.value:.0f}% {what}, "
         f"95% CI {100 * flag.low:.0f}-{100 * flag.high:.0f}%, {flag.status} at >= {100 * flag.threshold:.0f}%"
     )
 
@@ -84,6 +87,7 @@ def build_report(
     gallery: int = GALLERY_FLAGGED,
     baseline: Path | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
+    cluster_method: str | None = None,
 ) -> ReportResult:
     """Aggregate, flag, and write ``summary.json`` and ``report.html`` into the run directory.
 
@@ -93,7 +97,8 @@ def build_report(
     compared before is compared again with the same baseline, so the two files never disagree."""
     run = load_run(Path(run_dir))
     thresholds = thresholds_of(run).updated(**(overrides or {}))
-    results = assess(run, thresholds)
+    cluster_method = cluster_method or run.cluster_method
+    results = assess(run, thresholds, cluster_method)
     warnings = []
     if baseline is None:
         baseline, tolerance = _previous_comparison(run.run_dir, tolerance, warnings)
@@ -102,7 +107,7 @@ def build_report(
         before = load_run(baseline)
         if before.run_dir == run.run_dir:
             raise ReportInputError(f"a run cannot be its own baseline: {run.run_dir}")
-        comparison = compare_runs(before, run, thresholds, tolerance, results)
+        comparison = compare_runs(before, run, thresholds, tolerance, results, cluster_method)
     summary = make_summary(run, results, thresholds, malignant_summary(malignant_view(run, thresholds)))
     html = render_report(run, results, summary, thresholds, gallery, comparison)
     _write_atomic(run.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))

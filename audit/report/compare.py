@@ -8,8 +8,9 @@ never mistaken for a change of the model. For each class and target kind found i
   with its delta; a rate absent from one run (made before the evidence existed) is shown as
   absent, never as zero; a rate that rose by more than ``tolerance`` (absolute, 0.05 = 5
   points of the class's images) is a *regression*;
-* flags are matched by kind and method: *new* (raised now, not before), *resolved* (the other
-  way round), *escalated* (warn -> fail) and *eased* (fail -> warn).
+* flags are matched by kind and method (and, for a strategy cluster's flag, the region the
+  cluster points at): *new* (raised now, not before), *resolved* (the other way round),
+  *escalated* (warn -> fail) and *eased* (fail -> warn).
 
 A class's comparison status is ``fail`` when it regressed, ``warn`` when it has new or escalated
 flags within the tolerance, else ``pass``; a class with fewer than ``min_rows`` scored rows in
@@ -98,11 +99,11 @@ class ClassComparison:
             ("resolved", self.resolved_flags),
             ("eased", self.eased),
         ):
-            groups: dict[tuple[str, str], list[str]] = {}
+            groups: dict[tuple[str, str, str | None], list[str]] = {}
             for flag in flags:
-                groups.setdefault((flag.kind, flag.status), []).append(method_title(flag.method))
-            for (kind, status), methods in groups.items():
-                what = kind_title(kind)
+                groups.setdefault((flag.kind, flag.status, flag.cluster), []).append(method_title(flag.method))
+            for (kind, status, cluster), methods in groups.items():
+                what = kind_title(kind) if cluster is None else f"{kind_title(kind)} of the cluster at the {cluster}"
                 level = f" {status}" if change == "new" else ""
                 lines.append(f"{change}{level} {what} ({', '.join(methods)})")
         return lines
@@ -182,12 +183,15 @@ def compare_runs(
     thresholds: Thresholds,
     tolerance: float = DEFAULT_TOLERANCE,
     run_results: list[ClassResult] | None = None,
+    cluster_method: str | None = None,
 ) -> Comparison:
-    """Compare ``run`` with ``baseline``; ``run_results`` are the run's own results when already assessed."""
+    """Compare ``run`` with ``baseline``; ``run_results`` are the run's own results when already assessed.
+    Both runs' maps are clustered with ``cluster_method`` (default: the run's config, else the consensus)."""
     if not 0 <= tolerance <= 1:
         raise ValueError(f"tolerance must be in [0, 1], got {tolerance}")
-    before = {(r.label_name, r.target_kind): r for r in assess(baseline, thresholds)}
-    after = {(r.label_name, r.target_kind): r for r in (run_results or assess(run, thresholds))}
+    cluster_method = cluster_method or run.cluster_method
+    before = {(r.label_name, r.target_kind): r for r in assess(baseline, thresholds, cluster_method)}
+    after = {(r.label_name, r.target_kind): r for r in (run_results or assess(run, thresholds, cluster_method))}
     pairs = tuple(p for p in counted_pairs(run.proportional) if p in counted_pairs(baseline.proportional))
     rates = [("low_agreement", m) for m in ("all", *pairs)] + [("off_object", m) for m in LOCALIZED]
     rates.append(("context_reliance", "occlusion"))
@@ -220,8 +224,8 @@ def _compare_class(
     result = ClassComparison(after.label_name, after.target_kind, before, after, changes)
     if result.judged:
         result.regressed = [c for c in changes if c.delta is not None and c.delta > tolerance + 1e-12]
-    old = {(f.kind, f.method): f for f in before.flags}
-    new = {(f.kind, f.method): f for f in after.flags}
+    old = {(f.kind, f.method, f.cluster): f for f in (*before.flags, *before.cluster_flags)}
+    new = {(f.kind, f.method, f.cluster): f for f in (*after.flags, *after.cluster_flags)}
     result.new_flags = [f for key, f in new.items() if key not in old]
     result.resolved_flags = [f for key, f in old.items() if key not in new]
     kept = [(old[key], f) for key, f in new.items() if key in old]

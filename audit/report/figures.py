@@ -97,6 +97,45 @@ def mean_heatmaps(means: dict[str, np.ndarray], counts: int, input_size: tuple[i
     return _png(figure)
 
 
+CLUSTER_COLORS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666")
+
+
+def cluster_color(index: int) -> str:
+    """One colour per strategy cluster (index 0, 1, ...), grey for the pooled "other" (-1)."""
+    return CLUSTER_COLORS[-1] if index < 0 else CLUSTER_COLORS[index % (len(CLUSTER_COLORS) - 1)]
+
+
+def strategy_panel(
+    clusters: list[tuple[int, str, np.ndarray]],
+    input_size: tuple[int, int],
+    embedding: np.ndarray,
+    embedded_labels: np.ndarray,
+) -> Picture:
+    """The strategy clusters of a class: each cluster's mean map in the model's input frame, titled
+    with its number, region and share, then the class's maps in 2-D (the first two non-trivial
+    eigenvectors of the clustering's graph), coloured by cluster."""
+    h, w = input_size
+    count = len(clusters)
+    figure = Figure(figsize=(2.0 * count + 2.6, 2.0 * h / w + 0.7), dpi=90, layout="constrained")
+    panels = np.atleast_1d(figure.subplots(1, count + 1, width_ratios=[1] * count + [1.3]))
+    for axes, (index, title, mean) in zip(panels, clusters):
+        axes.imshow(mean, cmap="jet", vmin=0, vmax=max(float(mean.max()), 1e-6), extent=(0, w, h, 0))
+        axes.set_xticks([])
+        axes.set_yticks([])
+        axes.set_title(title, fontsize=8, color=cluster_color(index))
+    scatter = panels[-1]
+    for index in sorted(set(embedded_labels.tolist())):
+        chosen = embedded_labels == index
+        scatter.scatter(
+            *embedding[chosen].T, s=7, color=cluster_color(index), label="other" if index < 0 else index + 1
+        )
+    scatter.set_xticks([])
+    scatter.set_yticks([])
+    scatter.set_title("maps in 2-D (spectral embedding)", fontsize=8)
+    scatter.legend(fontsize=7, markerscale=1.5, loc="best")
+    return _png(figure)
+
+
 def thumbnail(rgb: np.ndarray, size: int = THUMB_PX) -> np.ndarray:
     """The image resized so that its long side is ``size`` pixels."""
     h, w = rgb.shape[:2]

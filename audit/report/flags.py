@@ -21,8 +21,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from audit.explain.metrics import LOCALIZED
-from audit.report.aggregate import BOOTSTRAP_SEED, GroupStats, counted_pairs, indicators, reliance, summarize
-from audit.report.load import RunData
+from audit.report.aggregate import (
+    BOOTSTRAP_SEED,
+    GroupStats,
+    base_rates,
+    counted_pairs,
+    indicators,
+    reliance,
+    summarize,
+)
+from audit.report.clusters import GRID, OTHER, Strategies, class_strategies
+from audit.report.load import RunData, strategy_maps
 from audit.report.thresholds import Thresholds
 
 STATUSES = ("pass", "warn", "fail")
@@ -38,9 +47,10 @@ class Flag:
     threshold: float
     low: float
     high: float
+    cluster: str | None = None  # the region a strategy cluster points at; None for the whole class
 
     def to_dict(self) -> dict:
-        return {
+        entry = {
             "kind": self.kind,
             "status": self.status,
             "method": self.method,
@@ -48,6 +58,7 @@ class Flag:
             "threshold": self.threshold,
             "ci": [round(self.low, 4), round(self.high, 4)],
         }
+        return entry if self.cluster is None else {**entry, "cluster": self.cluster}
 
 
 @dataclass
@@ -58,10 +69,12 @@ class ClassResult:
     stats: GroupStats
     flags: list[Flag] = field(default_factory=list)
     judged: bool = True
+    strategies: Strategies | None = None
+    cluster_flags: list[Flag] = field(default_factory=list)  # raised by a strategy cluster, not the class
 
     @property
     def status(self) -> str:
-        return worst(f.status for f in self.flags)
+        return worst(f.status for f in (*self.flags, *self.cluster_flags))
 
     @property
     def flag_groups(self) -> list[FlagGroup]:
@@ -136,30 +149,75 @@ def judge(stats: GroupStats, thresholds: Thresholds, pairs: tuple[str, ...]) -> 
     return sorted(flags, key=lambda f: -STATUSES.index(f.status))
 
 
-def _raised(kind: str, method: str, value: float, low: float, high: float, thresholds: Thresholds) -> list[Flag]:
+def judge_clusters(strategies: Strategies | None, thresholds: Thresholds) -> list[Flag]:
+    """Flags of the strategy clusters of a class split into several: a cluster holding at least
+    ``cluster_share_min`` of the class and ``min_rows`` images is judged like a class, on the
+    clustered method's off-object rate and on context reliance."""
+    if strategies is None or not strategies.split:
+        return []
+    flags = []
+    for cluster in strategies.clusters:
+        if cluster.index == OTHER or cluster.share < thresholds.cluster_share_min:
+            continue
+        rate, context = cluster.off_object, cluster.context
+        if rate.scored >= thresholds.min_rows and rate.low is not None:
+            flags += _raised(
+                "off_object", strategies.method, rate.value, rate.low, rate.high, thresholds, cluster.region
+            )
+        if context is not None and context.kept.scored >= thresholds.min_rows and context.low is not None:
+            flags += _raised(
+                "context_reliance", "occlusion", context.excess, context.low, context.high, thresholds, cluster.region
+            )
+    return sorted(flags, key=lambda f: -STATUSES.index(f.status))
+
+
+def _raised(
+    kind: str, method: str, value: float, low: float, high: float, thresholds: Thresholds, cluster: str | None = None
+) -> list[Flag]:
     """The flag a rate raises when the low end of its interval reaches the kind's fail or warn rate."""
     for status in ("fail", "warn"):
         threshold = thresholds.rate_threshold(kind, status)
         if low >= threshold:
-            return [Flag(kind, status, method, value, threshold, low, high)]
+            return [Flag(kind, status, method, value, threshold, low, high, cluster)]
     return []
 
 
-def assess(run: RunData, thresholds: Thresholds) -> list[ClassResult]:
-    """One result per model class and explained target kind, sorted fail -> warn -> pass."""
+def assess(run: RunData, thresholds: Thresholds, cluster_method: str = "consensus") -> list[ClassResult]:
+    """One result per model class and explained target kind, sorted fail -> warn -> pass.
+
+    Each judged class's maps are clustered into strategies (``cluster_method``: a method or the
+    consensus)."""
     pairs = counted_pairs(run.proportional)
     rows = run.rows
     flags = indicators(rows, thresholds, pairs)
+    maps = strategy_maps(run, cluster_method, GRID)
     results = []
     for kind in run.target_kinds:
         same_kind = rows["target_kind"].eq(kind)
+        in_kind = rows[same_kind]
         for label, name in enumerate(run.classes):
             mask = run.class_rows(label, name, kind)
             rng = np.random.default_rng([BOOTSTRAP_SEED, label, run.target_kinds.index(kind)])
             stats = summarize(rows[mask], flags[mask], thresholds, rng)
-            stats.reliance = reliance(rows[same_kind], label, mask[same_kind], thresholds, rng)
+            own = mask[same_kind]
+            bases = base_rates(in_kind, label, ~own, thresholds, rng)
+            stats.reliance = reliance(in_kind, own, bases, thresholds, rng)
             result = ClassResult(label, name, kind, stats, judge(stats, thresholds, pairs))
             result.judged = stats.scored >= thresholds.min_rows
+            if result.judged:
+                result.strategies = class_strategies(
+                    in_kind,
+                    own,
+                    bases,
+                    label,
+                    flags[same_kind],
+                    maps[same_kind.to_numpy()],
+                    cluster_method,
+                    thresholds,
+                    run.metadata_columns,
+                    seed=BOOTSTRAP_SEED,
+                )
+                result.cluster_flags = judge_clusters(result.strategies, thresholds)
             results.append(result)
     return sorted(results, key=lambda r: (-STATUSES.index(r.status), r.target_kind != "pred", r.label))
 

@@ -65,12 +65,16 @@ def render_report(
     environment.filters.update(
         pct=_pct, num=_num, ci=_ci, delta=_delta, method=figures.method_title, kind=figures.kind_title
     )
+    environment.globals["cluster_color"] = figures.cluster_color
     script = resources.files("audit.report").joinpath("templates/report.js").read_text(encoding="utf-8")
     pairs = counted_pairs(run.proportional)
     flags = indicators(run.rows, thresholds, pairs)
     means = class_mean_maps(run.run_dir)
     cards = _gallery(run, results, flags, pairs, gallery)
+    strategies = _strategy_panels(run, results)
     sections = [_class_section(run, result, flags, means, cards, thresholds) for result in results]
+    for section in sections:
+        section["strategies"] = strategies.get(section["anchor"])
     return environment.get_template("report.html.j2").render(
         run=run,
         info=run.info,
@@ -163,6 +167,64 @@ def _gallery(
         ]
     _draw_cards(run, [card for cards in chosen.values() for card in cards])
     return chosen
+
+
+@dataclass
+class StrategyView:
+    """A class's strategy panel: the figure, and per cluster its examples (thumbnail with the
+    clustered method's map on it, and the image id)."""
+
+    picture: figures.Picture
+    examples: dict[int, list[tuple[str, figures.Picture | None]]]
+
+
+def _strategy_panels(run: RunData, results: list[ClassResult]) -> dict[str, StrategyView]:
+    """One panel per class that was clustered, keyed by the class section's anchor."""
+    clustered = [r for r in results if r.strategies is not None]
+    ids = sorted({i for r in clustered for c in r.strategies.clusters for i in c.examples})
+    maps = read_maps(run.run_dir, ids) if ids else None
+    where = {}
+    if maps is not None:
+        keys = zip(maps.column("image_id").to_pylist(), maps.column("target_kind").to_pylist())
+        where = {key: i for i, key in enumerate(keys)}
+    paths = dict(zip(run.rows["image_id"].astype(str), run.rows["path"]))
+    views = {}
+    for result in clustered:
+        strategies = result.strategies
+        panels = [
+            (c.index, f"{c.title}: {c.region}\n{100 * c.share:.0f}% ({c.n})", c.mean_map) for c in strategies.clusters
+        ]
+        embedded_labels = strategies.clustering.labels[strategies.clustering.embedded]
+        picture = figures.strategy_panel(panels, run.input_size, strategies.clustering.embedding, embedded_labels)
+        examples = {}
+        for cluster in strategies.clusters:
+            examples[cluster.index] = [
+                (
+                    image_id,
+                    _example(paths.get(image_id), maps, where.get((image_id, result.target_kind)), strategies.method),
+                )
+                for image_id in cluster.examples
+            ]
+        views[_anchor(result)] = StrategyView(picture, examples)
+    return views
+
+
+def _example(path, maps, index: int | None, method: str) -> figures.Picture | None:
+    """A thumbnail of the image with its map of ``method`` (or the consensus) on it."""
+    try:
+        rgb = decode_image(path)
+    except (DecodeError, TypeError):
+        return None
+    saliency = None
+    if index is not None:
+        chosen = [m for m in METHODS if method in ("consensus", m)]
+        found = [a for a in (map_array(maps, m, index) for m in chosen) if a is not None]
+        if found:
+            mean = np.mean(found, axis=0)
+            span = mean.max() - mean.min()
+            saliency = (mean - mean.min()) / span if span > 0 else np.zeros_like(mean)
+    thumb = figures.thumbnail(rgb)
+    return figures.jpeg(thumb if saliency is None else figures.overlay(thumb, saliency))
 
 
 def _kept_without_object(rows: pd.DataFrame, result: ClassResult) -> pd.Series:

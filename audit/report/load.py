@@ -97,6 +97,11 @@ class RunData:
         return self.rows["target_kind"].eq(target_kind) & same_class
 
     @property
+    def cluster_method(self) -> str:
+        """The maps the report clusters into strategies: the run's config, else the consensus."""
+        return self.info.get("config", {}).get("cluster_method") or "consensus"
+
+    @property
     def map_size(self) -> tuple[int, int] | None:
         """(h, w) of the run's maps at the target layer, from run.json."""
         shape = self.info["model"].get("feature_shape")
@@ -172,6 +177,35 @@ def class_mean_maps(run_dir: Path) -> dict[tuple[int, str], dict[str, np.ndarray
     for (label, kind, method), total in sums.items():
         means.setdefault((label, kind), {})[method] = total / counts[(label, kind, method)]
     return means
+
+
+def strategy_maps(run: RunData, method: str, grid: int) -> np.ndarray:
+    """(len(run.rows), grid * grid) float32: each row's map of ``method`` (or the consensus of
+    the methods the run has) upsampled bilinearly to a grid x grid square over the input frame,
+    in the order of ``run.rows``; NaN where a row has no map (error rows)."""
+    import torch
+
+    from audit.explain.metrics import consensus, upsample
+
+    table = _dataset(run.run_dir).to_table(columns=["image_id", "map_h", "map_w", *MAP_COLUMNS])
+    if table.column("image_id").to_pylist() != run.rows["image_id"].tolist():
+        raise ReportInputError(f"the explanations of {run.run_dir} changed while the report was read")
+    out = np.full((table.num_rows, grid * grid), np.nan, dtype=np.float32)
+    valid = table.column("map_h").is_valid().to_numpy(zero_copy_only=False)
+    if not valid.any():
+        return out
+    h, w = (int(table.column(c).filter(table.column(c).is_valid())[0].as_py()) for c in ("map_h", "map_w"))
+    maps = {}
+    for name in METHODS:
+        column = table.column(f"map_{name}").filter(pa.array(valid))
+        if column.null_count == 0:
+            flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+            maps[name] = torch.from_numpy(flat.reshape(-1, h, w))
+    if method != "consensus" and method not in maps:
+        raise ReportInputError(f"the run has no {method} maps to cluster (see run.json's cam_note)")
+    chosen = consensus(maps)[0] if method == "consensus" else maps[method]
+    out[valid] = upsample(chosen, (grid, grid)).flatten(1).numpy()
+    return out
 
 
 def _dataset(run_dir: Path) -> ds.Dataset:

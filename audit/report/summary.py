@@ -13,6 +13,12 @@ Evidence by intervention, where the run computed it (null or absent otherwise): 
 per method and the consensus) and ``intervention`` ({``verdict``, ``note``}: whether the model's
 answers back the off-object evidence); for the run, ``faithfulness``: the overall means and
 the most faithful method (lowest Average Drop, then highest Increase in Confidence).
+
+Strategy clusters (:mod:`audit.report.clusters`): ``cluster_method`` for the run, per class ``clusters``,
+each {``cluster`` (1, 2, ... by size; null for the pooled small ones), ``region``, ``n``,
+``share``, ``accuracy``, ``off_object``, ``context_reliance``, ``metadata`` (over-represented
+values), ``examples`` (image ids), ``flags``}; cluster flags carry ``cluster`` (the region) and
+count towards the class's ``status``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import pandas as pd
 from audit.explain.metrics import LOCALIZED
 from audit.models.anatomy import MIN_MAP_SIDE
 from audit.report.aggregate import FAITHFULNESS_KINDS, counted_pairs
+from audit.report.clusters import OTHER
 from audit.report.flags import ClassResult, worst
 from audit.report.load import RunData
 from audit.report.thresholds import Thresholds
@@ -54,6 +61,7 @@ def make_summary(
         "run_status": run.info.get("status"),
         "target_kinds": run.target_kinds,
         "counted_pairs": list(counted_pairs(run.proportional)),
+        "cluster_method": next((r.strategies.method for r in results if r.strategies is not None), None),
         "notes": notes,
         "classes": [_class_entry(r) for r in results],
     }
@@ -117,7 +125,32 @@ def _class_entry(result: ClassResult) -> dict:
         "agreement": stats.agreement,
         "flags": [f.to_dict() for f in result.flags],
         **_evidence_entry(result),
+        **_clusters_entry(result),
     }
+
+
+def _clusters_entry(result: ClassResult) -> dict:
+    strategies = result.strategies
+    if strategies is None:
+        return {}
+    clusters = []
+    for cluster in strategies.clusters:
+        flags = [f.to_dict() for f in result.cluster_flags if f.cluster == cluster.region and cluster.index != OTHER]
+        clusters.append(
+            {
+                "cluster": None if cluster.index == OTHER else cluster.index + 1,
+                "region": cluster.region,
+                "n": cluster.n,
+                "share": round(cluster.share, 4),
+                "accuracy": None if cluster.accuracy is None else round(cluster.accuracy, 4),
+                "off_object": cluster.off_object.to_dict(),
+                "context_reliance": cluster.context.to_dict() if cluster.context else None,
+                "metadata": cluster.metadata,
+                "examples": cluster.examples,
+                "flags": flags,
+            }
+        )
+    return {"clusters": clusters}
 
 
 def _evidence_entry(result: ClassResult) -> dict:

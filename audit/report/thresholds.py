@@ -31,6 +31,11 @@ Defaults, and why:
   other than the object (a partial shortcut); half or more, the class is mostly answered from
   its context. Unlike off-object, this tests the model, not the map, so it holds at any map
   resolution.
+* ``cluster_share_min = 0.1``, ``clusters_max = 6``, ``cluster_floor = 5``: a class's maps are
+  split into at most 6 strategy clusters (:mod:`audit.report.clusters`), clusters of fewer
+  than 5 images are pooled as "other", and a cluster holding at least 10% of its class (and
+  ``min_rows`` images) is judged by the same rules as a class: a shortcut used by a tenth of a
+  class is worth a flag, and fewer images than that say little.
 * ``min_rows = 10``: a class with fewer scored rows is shown but not judged: a bootstrap over a
   handful of images says little.
 * ``confidence = 0.95`` and ``bootstrap = 2000`` resamples: the usual interval, stable to about
@@ -62,7 +67,10 @@ HELP = {
     "context_reliance_warn": "warn when this share of a class's correct images keeps the class with the object "
     "hidden, beyond the base rate",
     "context_reliance_fail": "fail when this share keeps the class with the object hidden, beyond the base rate",
-    "min_rows": "classes with fewer scored images are not judged",
+    "cluster_share_min": "strategy clusters holding at least this share of their class are judged",
+    "clusters_max": "at most this many strategy clusters per class",
+    "cluster_floor": "strategy clusters with fewer images are pooled as other",
+    "min_rows": "classes (and clusters) with fewer scored images are not judged",
     "confidence": "level of the bootstrap confidence intervals",
     "bootstrap": "bootstrap resamples",
 }
@@ -79,6 +87,9 @@ class Thresholds:
     off_object_fail: float = 0.5
     context_reliance_warn: float = 0.25
     context_reliance_fail: float = 0.5
+    cluster_share_min: float = 0.1
+    clusters_max: int = 6
+    cluster_floor: int = 5
     min_rows: int = 10
     confidence: float = 0.95
     bootstrap: int = 2000
@@ -92,6 +103,9 @@ class Thresholds:
             warn, fail = getattr(self, f"{kind}_warn"), getattr(self, f"{kind}_fail")
             _require(warn <= fail, f"{kind}_warn ({warn}) must not exceed {kind}_fail ({fail})")
         _require(self.min_rows >= 1, f"min_rows must be >= 1, got {self.min_rows}")
+        _require(0 <= self.cluster_share_min <= 1, f"cluster_share_min must be in [0, 1], got {self.cluster_share_min}")
+        _require(1 <= self.clusters_max <= 20, f"clusters_max must be in [1, 20], got {self.clusters_max}")
+        _require(self.cluster_floor >= 2, f"cluster_floor must be >= 2, got {self.cluster_floor}")
         _require(0 < self.confidence < 1, f"confidence must be in (0, 1), got {self.confidence}")
         _require(self.bootstrap >= 100, f"bootstrap must be >= 100 resamples, got {self.bootstrap}")
 
