@@ -18,7 +18,9 @@ class-level rate. Here, per class and explained target kind:
    two of them, 20 to 1,000 maps) had its eigenvalues below 0.01 and a single strategy
    none but ``l_0`` below 0.035;
 3. the other rows join the cluster of their nearest sampled neighbours;
-4. clusters under ``cluster_floor`` rows are folded into *other*; clusters are numbered by size.
+4. clusters under ``cluster_floor`` rows are folded into *other*; clusters are numbered by size;
+5. clusters whose mean maps point at the same region (:func:`region_name`) are merged: where
+   the model looks is what an audit asks, and a region names a strategy across runs.
 
 A class of (near-)identical maps is one cluster. Everything is deterministic for a seed.
 Each cluster's region is named from its mean map (:func:`region_name`), and metadata values
@@ -28,7 +30,7 @@ class, Bonferroni-corrected over the values tested (:func:`enriched_metadata`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -98,6 +100,22 @@ def cluster_maps(maps: np.ndarray, clusters_max: int = 6, floor: int = 5, seed: 
         sample,
         values,
     )
+
+
+def merge_same_regions(maps: np.ndarray, clustering: Clustering) -> Clustering:
+    """Clusters whose mean maps point at the same region are one strategy for an audit (where the
+    model looks): they are merged, and the clusters numbered by size again."""
+    names = {
+        c: region_name(maps[clustering.labels == c].mean(axis=0).reshape(GRID, GRID)) for c in range(clustering.count)
+    }
+    first = {}
+    merged = np.array([first.setdefault(names[c], c) if c != OTHER else OTHER for c in clustering.labels], dtype=int)
+    if len(first) == clustering.count:
+        return clustering
+    labels = merged.copy()
+    real = merged != OTHER
+    labels[real] = number_by_size(merged[real], floor=1)
+    return Clustering(labels, clustering.embedding, clustering.embedded, clustering.eigenvalues)
 
 
 def _bounds(low: float, high: float) -> tuple[float | None, float | None]:
@@ -224,6 +242,7 @@ class Strategy:
     metadata: list[dict]
     examples: list[str]
     rows: pd.Index
+    flags: list = field(default_factory=list)  # judged like a class (audit.report.flags.judge_clusters)
 
     @property
     def title(self) -> str:
@@ -267,7 +286,9 @@ def class_strategies(
     if len(index) == 0:
         return None
     points = maps[clustered.to_numpy()]
-    clustering = cluster_maps(points, thresholds.clusters_max, thresholds.cluster_floor, seed)
+    clustering = merge_same_regions(
+        points, cluster_maps(points, thresholds.clusters_max, thresholds.cluster_floor, seed)
+    )
     mass = _unit_mass(points)
     rng = np.random.default_rng([seed, label])
     found = []

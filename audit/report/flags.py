@@ -149,26 +149,34 @@ def judge(stats: GroupStats, thresholds: Thresholds, pairs: tuple[str, ...]) -> 
     return sorted(flags, key=lambda f: -STATUSES.index(f.status))
 
 
-def judge_clusters(strategies: Strategies | None, thresholds: Thresholds) -> list[Flag]:
-    """Flags of the strategy clusters of a class split into several: a cluster holding at least
-    ``cluster_share_min`` of the class and ``min_rows`` images is judged like a class, on the
-    clustered method's off-object rate and on context reliance."""
+def judge_clusters(strategies: Strategies | None, class_flags: list[Flag], thresholds: Thresholds) -> list[Flag]:
+    """Judge the strategy clusters of a class split into several, and return the flags they add.
+
+    A cluster holding at least ``cluster_share_min`` of the class and ``min_rows`` images is
+    judged like a class, on the clustered method's off-object rate and on context reliance; its
+    flags are kept on the cluster. A cluster flag adds to the class unless the class already has
+    a flag of that kind at the same status or worse."""
     if strategies is None or not strategies.split:
         return []
-    flags = []
+    added = []
     for cluster in strategies.clusters:
         if cluster.index == OTHER or cluster.share < thresholds.cluster_share_min:
             continue
-        rate, context = cluster.off_object, cluster.context
+        rate, context, region = cluster.off_object, cluster.context, cluster.region
         if rate.scored >= thresholds.min_rows and rate.low is not None:
-            flags += _raised(
-                "off_object", strategies.method, rate.value, rate.low, rate.high, thresholds, cluster.region
+            cluster.flags += _raised(
+                "off_object", strategies.method, rate.value, rate.low, rate.high, thresholds, region
             )
         if context is not None and context.kept.scored >= thresholds.min_rows and context.low is not None:
-            flags += _raised(
-                "context_reliance", "occlusion", context.excess, context.low, context.high, thresholds, cluster.region
+            cluster.flags += _raised(
+                "context_reliance", "occlusion", context.excess, context.low, context.high, thresholds, region
             )
-    return sorted(flags, key=lambda f: -STATUSES.index(f.status))
+        added += [f for f in cluster.flags if not _covered(f, class_flags)]
+    return sorted(added, key=lambda f: -STATUSES.index(f.status))
+
+
+def _covered(flag: Flag, class_flags: list[Flag]) -> bool:
+    return any(c.kind == flag.kind and STATUSES.index(c.status) >= STATUSES.index(flag.status) for c in class_flags)
 
 
 def _raised(
@@ -217,7 +225,7 @@ def assess(run: RunData, thresholds: Thresholds, cluster_method: str = "consensu
                     run.metadata_columns,
                     seed=BOOTSTRAP_SEED,
                 )
-                result.cluster_flags = judge_clusters(result.strategies, thresholds)
+                result.cluster_flags = judge_clusters(result.strategies, result.flags, thresholds)
             results.append(result)
     return sorted(results, key=lambda r: (-STATUSES.index(r.status), r.target_kind != "pred", r.label))
 

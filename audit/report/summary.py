@@ -18,7 +18,8 @@ Strategy clusters (:mod:`audit.report.clusters`): ``cluster_method`` for the run
 each {``cluster`` (1, 2, ... by size; null for the pooled small ones), ``region``, ``n``,
 ``share``, ``accuracy``, ``off_object``, ``context_reliance``, ``metadata`` (over-represented
 values), ``examples`` (image ids), ``flags``}; cluster flags carry ``cluster`` (the region) and
-count towards the class's ``status``.
+count towards the class's ``status`` where they add to its own flags (a kind the class is not
+already flagged for at that status).
 """
 
 from __future__ import annotations
@@ -135,7 +136,6 @@ def _clusters_entry(result: ClassResult) -> dict:
         return {}
     clusters = []
     for cluster in strategies.clusters:
-        flags = [f.to_dict() for f in result.cluster_flags if f.cluster == cluster.region and cluster.index != OTHER]
         clusters.append(
             {
                 "cluster": None if cluster.index == OTHER else cluster.index + 1,
@@ -147,7 +147,7 @@ def _clusters_entry(result: ClassResult) -> dict:
                 "context_reliance": cluster.context.to_dict() if cluster.context else None,
                 "metadata": cluster.metadata,
                 "examples": cluster.examples,
-                "flags": flags,
+                "flags": [f.to_dict() for f in cluster.flags],
             }
         )
     return {"clusters": clusters}
