@@ -429,6 +429,17 @@ def bench_pipeline_command(arch: str, images: int, image_size: int, batch_size: 
     click.echo(json.dumps(result.to_dict()) if as_json else format_pipeline_bench(result))
 
 
+@bench.command("report")
+@click.option("--rows", default=10_000, show_default=True, type=click.IntRange(min=20), help="images in the run")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def bench_report_command(rows: int, as_json: bool) -> None:
+    """Time the report stage (aggregation, strategy clusters, report.html) on a synthetic run."""
+    from audit.report.bench import bench_report, format_report_bench
+
+    result = bench_report(rows=rows)
+    click.echo(json.dumps(result.to_dict()) if as_json else format_report_bench(result))
+
+
 @main.group()
 def data() -> None:
     """Inspect datasets and generate the synthetic one."""

@@ -54,3 +54,11 @@ def test_bad_input_exits_2_with_one_line():
 def test_missing_gpu_is_a_clear_error():
     result = CliRunner().invoke(main, ["bench", "engine", *SMALL, "--device", "cuda"])
     assert result.exit_code == 2 and "no CUDA device" in result.output
+
+
+def test_bench_report_times_the_report_of_a_run_with_a_partial_shortcut():
+    result = CliRunner().invoke(main, ["bench", "report", "--rows", "300", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["rows"] == 300 and report["seconds"] > 0 and report["html_bytes"] > 0
+    assert report["cluster_flags"] >= 1 and report["status"] == "fail"  # the corner third of df, as a cluster

@@ -108,7 +108,7 @@ def build_report(
         if before.run_dir == run.run_dir:
             raise ReportInputError(f"a run cannot be its own baseline: {run.run_dir}")
         comparison = compare_runs(before, run, thresholds, tolerance, results, cluster_method)
-    summary = make_summary(run, results, thresholds, malignant_summary(malignant_view(run, thresholds)))
+    summary = make_summary(run, results, thresholds, malignant_summary(malignant_view(run, thresholds)), cluster_method)
     html = render_report(run, results, summary, thresholds, gallery, comparison)
     _write_atomic(run.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     if comparison is not None:

@@ -38,7 +38,11 @@ SUMMARY_FORMAT = "cam-audit-summary/1"
 
 
 def make_summary(
-    run: RunData, results: list[ClassResult], thresholds: Thresholds, malignant: list[dict] | None = None
+    run: RunData,
+    results: list[ClassResult],
+    thresholds: Thresholds,
+    malignant: list[dict] | None = None,
+    cluster_method: str = "consensus",
 ) -> dict:
     rows = run.rows
     notes = []
@@ -62,7 +66,7 @@ def make_summary(
         "run_status": run.info.get("status"),
         "target_kinds": run.target_kinds,
         "counted_pairs": list(counted_pairs(run.proportional)),
-        "cluster_method": next((r.strategies.method for r in results if r.strategies is not None), None),
+        "cluster_method": cluster_method,
         "notes": notes,
         "classes": [_class_entry(r) for r in results],
     }
