@@ -171,6 +171,11 @@ TOLERANCE = click.option(
     help="interventions beside the maps: the object hidden / alone (occlusion), the image times each map "
     f"(faithfulness) [default: {_default('evidence')}]",
 )
+@click.option(
+    "--sanity-images",
+    type=click.IntRange(min=0),
+    help=f"images the model-randomization sanity check explains (0: off) [default: {_default('sanity_images')}]",
+)
 @click.option("--target-layer", help="module to explain (default: found automatically)")
 @click.option("--classifier", help="linear layer CAM reads (default: found automatically)")
 @click.option(

@@ -43,6 +43,7 @@ COMPUTED = (
     "limit",
     "masks",
     "evidence",
+    "sanity_images",
     "target_layer",
     "classifier",
     "gradcampp_eps",
@@ -64,7 +65,8 @@ class RunConfig:
     and estimates the lesion elsewhere; ``provided`` uses masks only; ``estimate`` always
     estimates; ``none`` scores no localization. ``evidence``: the interventions computed
     beside the maps (:mod:`audit.explain.evidence`): occlusion counterfactuals, the
-    faithfulness measures, ``all`` or ``none``. ``grid``, ``topk`` and ``delta`` tune the
+    faithfulness measures, ``all`` or ``none``. ``sanity_images``: images the model-randomization
+    sanity check explains (:mod:`audit.explain.sanity`; 0 turns it off). ``grid``, ``topk`` and ``delta`` tune the
     metrics (:mod:`audit.explain.metrics`).
 
     How to run it and what to do with it: ``name`` is the audit's name: runs go to
@@ -88,6 +90,7 @@ class RunConfig:
     limit: int | None = None
     masks: Literal["auto", "provided", "estimate", "none"] = "auto"
     evidence: Literal["none", "occlusion", "faithfulness", "all"] = "all"
+    sanity_images: int = 64
     target_layer: str | None = None
     classifier: str | None = None
     gradcampp_eps: float = 0.0
@@ -124,6 +127,8 @@ class RunConfig:
             raise ConfigError(f"tolerance must be in [0, 1], got {self.tolerance}")
         if self.gradcampp_eps < 0:
             raise ConfigError(f"gradcampp_eps must be >= 0, got {self.gradcampp_eps}")
+        if self.sanity_images < 0:
+            raise ConfigError(f"sanity_images must be >= 0 (0 turns the sanity check off), got {self.sanity_images}")
         if self.gallery < 0:
             raise ConfigError(f"gallery must be >= 0, got {self.gallery}")
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):

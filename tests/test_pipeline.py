@@ -22,6 +22,7 @@ from audit.data.ham10000 import CLASSES
 from audit.data.synthetic import Shortcut, SyntheticSpec, generate
 from audit.explain import ExplainEngine
 from audit.explain.evidence import FAITHFULNESS_COLUMNS, OCCLUSION_COLUMNS, gather_evidence
+from audit.explain.sanity import SANITY_FILE, SANITY_METHODS
 from audit.history import runs
 from audit.models import load_checkpoint, load_model
 from audit.models.checkpoint import save_random_checkpoint
@@ -192,6 +193,18 @@ def test_run_json(finished):
     assert len(info["model"]["sha256"]) == 64 and len(info["dataset"]["fingerprint"]) == 64
     assert info["versions"]["torch"] and info["versions"]["ray"]
     assert info["attempts"][0]["computed_rows"] == 48 and info["timings"]["seconds"] > 0
+    assert info["attempts"][0]["sanity_seconds"] > 0
+
+
+def test_the_run_checks_its_maps_by_model_randomization(finished):
+    sanity = json.loads((finished / SANITY_FILE).read_text())
+    decodable = IMAGES - 4  # the sample is the whole manifest here; four images do not decode
+    assert sanity["images"] == decodable and len(sanity["image_ids"]) == decodable
+    assert sanity["seeds"] == [0, 1, 2] and sanity["device"] == "cpu" and sanity["guided_images"] == 8
+    assert sanity["steps"][0]["randomized"] == ["fc"] and sanity["steps"][-1]["randomized"][-1] == "layer3"
+    for step in sanity["steps"]:
+        assert set(step["similarity"]) == set(SANITY_METHODS)
+        assert all(v is None or -1 <= v <= 1 for v in step["similarity"].values())
 
 
 def test_resume_recomputes_only_what_is_missing(finished, tmp_path):
@@ -216,7 +229,8 @@ def test_resuming_a_complete_run_computes_nothing(finished, tmp_path):
     run_dir = tmp_path / finished.name
     shutil.copytree(finished, run_dir)
     resume_audit(run_dir, Execution(progress=False))
-    assert json.loads((run_dir / "run.json").read_text())["attempts"][-1]["computed_rows"] == 0
+    attempt = json.loads((run_dir / "run.json").read_text())["attempts"][-1]
+    assert attempt["computed_rows"] == 0 and "sanity_seconds" not in attempt  # the check is not run twice
 
 
 def test_a_killed_worker_is_retried_and_every_row_lands_once(ray_session, dataset_dir, checkpoint, tmp_path):
@@ -232,9 +246,19 @@ def test_a_killed_worker_is_retried_and_every_row_lands_once(ray_session, datase
 
 def test_limit_and_pred_only(ray_session, dataset_dir, checkpoint, tmp_path):
     config = _config(
-        dataset_dir, checkpoint, tmp_path, targets="pred", batch_size=8, limit=10, masks="estimate", evidence="none"
+        dataset_dir,
+        checkpoint,
+        tmp_path,
+        targets="pred",
+        batch_size=8,
+        limit=10,
+        masks="estimate",
+        evidence="none",
+        sanity_images=0,
     )
-    rows = _rows(run_audit(config, Execution(progress=False)))
+    run_dir = run_audit(config, Execution(progress=False))
+    assert not (run_dir / SANITY_FILE).exists()  # --sanity-images 0 turns the check off
+    rows = _rows(run_dir)
     assert len(rows) == 10 and set(rows["target_kind"]) == {"pred"}
     assert set(rows.loc[rows["status"] == "ok", "mask_source"]) == {"estimated"}
     assert rows[list(EVIDENCE_COLUMNS)].isna().all().all()  # --evidence none computes none

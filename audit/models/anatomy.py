@@ -206,3 +206,62 @@ def find_cam_head(probe: _Probe, target_layer: str, classifier: str | None = Non
 
 def _close(a: Tensor, b: Tensor) -> bool:
     return torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)
+
+
+def randomization_cascade(model: nn.Module, input_size: tuple[int, int], target_layer: str) -> list[list[str]]:
+    """The modules a cascading model-parameter randomization re-initialises, cumulatively, top down.
+
+    Step 0 is the head: every module with parameters that runs after ``target_layer`` (the
+    classifier). Then the blocks of the target layer's stage, last first: its direct children with
+    parameters whose output keeps the target layer's resolution (``layer4.1``, ``layer4.0`` of a
+    ResNet); a target layer without such children is one block itself. The last step goes one
+    block beyond the stage: the module with parameters that ran before it at the target layer's
+    own level (``layer3``), else the next child of the target layer (a DenseNet's ``features``).
+    Each step lists every module randomized so far.
+    """
+    probe = _probe(model, input_size)
+    finished = {name: index for index, name in enumerate(probe.order)}
+    target = probe.modules[target_layer]
+    size = probe.outputs[target_layer].shape[-2:]
+    head = [
+        name
+        for name in probe.order[finished[target_layer] + 1 :]
+        if _owns_parameters(probe.modules[name]) and not name.startswith(target_layer + ".")
+    ]
+    children = _children_in_order(target, target_layer, finished)
+    stage: list[str] = []
+    beyond: str | None = None
+    for name in reversed(children):
+        output = probe.outputs.get(name)
+        if output is not None and output.ndim == 4 and output.shape[-2:] == size and beyond is None:
+            stage.append(name)
+        elif beyond is None:
+            beyond = name
+    if len(stage) < 2:
+        stage, beyond = [target_layer], None
+    if beyond is None or not stage[-1].startswith(target_layer + "."):
+        parent_name = target_layer.rpartition(".")[0]
+        parent = probe.modules.get(parent_name, model) if parent_name else model
+        siblings = _children_in_order(parent, parent_name, finished)
+        earlier = siblings[: siblings.index(target_layer)] if target_layer in siblings else []
+        beyond = earlier[-1] if earlier else beyond
+    steps, randomized = [], []
+    for block in [head, *([name] for name in stage), [beyond] if beyond else []]:
+        if block:
+            randomized = randomized + block
+            steps.append(randomized)
+    return steps
+
+
+def _owns_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False))
+
+
+def _children_in_order(module: nn.Module, prefix: str, finished: dict[str, int]) -> list[str]:
+    """Direct children with parameters that ran, in the order they finished."""
+    names = [
+        f"{prefix}.{name}" if prefix else name
+        for name, child in module.named_children()
+        if any(True for _ in child.parameters())
+    ]
+    return sorted((n for n in names if n in finished), key=finished.get)

@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,16 +40,18 @@ from audit.config import COMPUTED, RunConfig
 from audit.data import load_dataset
 from audit.data.manifest import BOX_COLUMNS, Dataset
 from audit.errors import AuditError, CheckpointError
+from audit.explain.sanity import SANITY_FILE
 from audit.models.anatomy import inspect_model
 from audit.models.checkpoint import Checkpoint, checkpoint_from_bytes, load_model
 from audit.pipeline.cluster import check_reachable, plan_resources, ray_cluster
 from audit.pipeline.schema import KEY, explanation_schema, to_table
-from audit.pipeline.stages import Explainer, decode_batch
+from audit.pipeline.stages import Explainer, decode_batch, one_line
 
 RUN_FILE = history.RUN_FILE
 MANIFEST_FILE = "manifest.parquet"
 OUTPUT_DIR = "explanations"
 REJECTED_FILE = "rejected.parquet"
+SANITY_SEED = 0
 MAX_PASSES = 3
 
 
@@ -201,6 +204,12 @@ def _execute(state: RunState, execution: Execution) -> Path:
                 attempt["computed_rows"] += todo
                 with _Progress(_expected_rows(state), todo, enabled=execution.progress) as reporter:
                     _run_pass(state, pending, plan, checkpoint_ref, execution, reporter)
+            if (
+                execution.mode == "explain"
+                and state.config.sanity_images
+                and not (state.run_dir / SANITY_FILE).exists()
+            ):
+                attempt["sanity_seconds"] = _run_sanity(state, plan, checkpoint_ref)
     except KeyboardInterrupt:
         _finish(state, attempt, began, "interrupted")
         raise
@@ -253,6 +262,36 @@ def _run_pass(
         if table.num_rows:
             write_batch(table, state.run_dir / OUTPUT_DIR)
             progress.advance(table.num_rows)
+
+
+def sanity_sample(manifest: pd.DataFrame, size: int) -> pd.DataFrame:
+    """The images the sanity check explains: ``size`` manifest rows drawn with a fixed seed, in manifest order."""
+    if len(manifest) <= size:
+        return manifest
+    chosen = np.random.default_rng(SANITY_SEED).choice(len(manifest), size=size, replace=False)
+    return manifest.iloc[np.sort(chosen)]
+
+
+def _run_sanity(state: RunState, plan, checkpoint_ref) -> float:
+    """Run the sanity check as one Ray task with an explain actor's resources; write ``sanity.json``."""
+    import ray
+
+    from audit.pipeline.stages import sanity_task
+
+    began = time.perf_counter()
+    sample = sanity_sample(state.manifest, state.config.sanity_images)
+    rows = {column: sample[column].to_numpy() for column in ("image_id", "path", "mask_path")}
+    task = ray.remote(sanity_task).options(
+        num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None, max_retries=1
+    )
+    try:
+        result = ray.get(task.remote([checkpoint_ref], state.config.to_dict(), rows, plan.torch_threads))
+    except Exception as exc:  # noqa: BLE001 - the run's rows stand; the report says the check did not run
+        result = {"error": one_line(exc)}
+    partial = state.run_dir / f".{SANITY_FILE}.tmp"
+    partial.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    partial.replace(state.run_dir / SANITY_FILE)
+    return round(time.perf_counter() - began, 3)
 
 
 def write_batch(table: pa.Table, folder: Path) -> Path:

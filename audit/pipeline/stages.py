@@ -23,6 +23,7 @@ from audit.explain.engine import ExplainEngine, Explanation
 from audit.explain.evidence import NO_MASK_NOTE, evidence_kinds, gather_evidence
 from audit.explain.methods import METHODS
 from audit.explain.metrics import MetricSettings, score_batch
+from audit.explain.sanity import SanityCheck
 from audit.models.checkpoint import Checkpoint, checkpoint_from_bytes, load_model
 from audit.pipeline.schema import to_table
 
@@ -90,16 +91,8 @@ class Explainer:
         kill_after: str | None = None,
         delay: float = 0.0,
     ) -> None:
-        import ray
-
-        if threads:
-            torch.set_num_threads(threads)
-        checkpoint: Checkpoint = checkpoint_from_bytes(ray.get(checkpoint_ref[0]))
-        self.device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
+        checkpoint, model, self.device = load_actor_model(checkpoint_ref, threads)
         on_gpu = self.device.type == "cuda"
-        model = load_model(checkpoint).to(self.device)
-        if on_gpu:
-            model = model.to(memory_format=torch.channels_last)
         self.engine = ExplainEngine(
             model,
             checkpoint.input_size,
@@ -156,17 +149,14 @@ class Explainer:
             return self._explain_indices(batch, indices)
         except Exception as exc:  # noqa: BLE001 - isolate the failing row; the rest of the batch survives
             if len(indices) == 1:
-                return {int(indices[0]): _one_line(exc)}
+                return {int(indices[0]): one_line(exc)}
             results: dict[int, dict | str] = {}
             for index in indices:
                 results.update(self._explain(batch, np.array([index])))
             return results
 
     def _explain_indices(self, batch: dict[str, np.ndarray], indices: np.ndarray) -> dict[int, dict]:
-        pixels = torch.from_numpy(np.ascontiguousarray(batch["image"][indices])).to(self.device, non_blocking=True)
-        images = (pixels.permute(0, 3, 1, 2).float().div_(255) - self.mean) / self.std
-        if self.device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = model_input(batch["image"][indices], self.mean, self.std)
         kinds = sorted({kind for i in indices for kind in batch["kinds"][i].split(",")})
         labels = torch.as_tensor(batch["label"][indices].astype(np.int64), device=self.device)
         if self.mode == "forward":
@@ -221,6 +211,54 @@ class Explainer:
         if self.batches == int(after) and not Path(marker).exists():
             Path(marker).write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def model_input(pixels: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float normalised on ``mean``'s device (channels-last on a GPU)."""
+    device = mean.device
+    images = torch.from_numpy(np.ascontiguousarray(pixels)).to(device, non_blocking=True)
+    images = (images.permute(0, 3, 1, 2).float().div_(255) - mean) / std
+    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
+
+
+def load_actor_model(checkpoint_ref: list, threads: int | None) -> tuple[Checkpoint, torch.nn.Module, torch.device]:
+    """The run's model on this worker's device: its GPU when Ray gave it one, else the CPU."""
+    import ray
+
+    if threads:
+        torch.set_num_threads(threads)
+    checkpoint: Checkpoint = checkpoint_from_bytes(ray.get(checkpoint_ref[0]))
+    device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
+    model = load_model(checkpoint).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return checkpoint, model, device
+
+
+def sanity_task(checkpoint_ref: list, config: dict, rows: dict[str, np.ndarray], threads: int | None = None) -> dict:
+    """The run's sanity check (:mod:`audit.explain.sanity`) on the sampled ``rows``, as ``sanity.json`` holds it.
+
+    The rows are decoded here as the job decodes them; rows that fail to decode are left out."""
+    checkpoint, model, device = load_actor_model(checkpoint_ref, threads)
+    decoded = decode_batch(rows, checkpoint.input_size, "none")
+    usable = np.array([not stage for stage in decoded["decode_stage"]], dtype=bool)
+    if not usable.any():
+        return {"error": "no sampled image could be decoded"}
+    mean = torch.tensor(checkpoint.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(checkpoint.std, device=device).view(1, 3, 1, 1)
+    check = SanityCheck(
+        model,
+        checkpoint.input_size,
+        target_layer=config.get("target_layer"),
+        classifier=config.get("classifier"),
+        gradcampp_eps=config.get("gradcampp_eps", 0.0),
+        autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+        chunk=config.get("batch_size", 32),
+    )
+    result = check(model_input(decoded["image"][usable], mean, std)).to_dict()
+    result["image_ids"] = [str(i) for i in np.asarray(rows["image_id"])[usable]]
+    result["device"] = device.type
+    return result
 
 
 def _columns(explanation: Explanation, scores: dict[str, list]) -> list[dict]:
@@ -284,6 +322,6 @@ def _plain(value):
     return value
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]

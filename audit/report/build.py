@@ -14,6 +14,7 @@ from audit.report.figures import kind_title, method_title
 from audit.report.flags import ICONS, STATUSES, ClassResult, assess, malignant_view
 from audit.report.html import GALLERY_FLAGGED, SIZE_WARNING_BYTES, malignant_summary, render_report
 from audit.report.load import ReportInputError, RunData, load_run
+from audit.report.sanity import SanityView, read_sanity
 from audit.report.summary import make_summary
 from audit.report.thresholds import Thresholds
 
@@ -29,6 +30,7 @@ class ReportResult:
     html_bytes: int
     warnings: list[str] = field(default_factory=list)
     comparison: Comparison | None = None
+    sanity: SanityView | None = None
 
     @property
     def status(self) -> str:
@@ -54,15 +56,33 @@ class ReportResult:
             f"{ICONS[self.status]} {self.status.upper()}: {counts['fail']} fail, {counts['warn']} warn, "
             f"{counts['pass']} pass ({len(self.results)} class x target results)"
         ]
+        if self.sanity is not None:
+            lines.append(f"  sanity check: {sanity_line(self.sanity)}")
         for result in self.results:
+            where = f"{result.label_name} ({result.target_kind})"
             for group in result.flag_groups:
                 also = f"; also {', '.join(method_title(m) for m in group.others)}" if group.others else ""
-                where = f"{result.label_name} ({result.target_kind})"
-                lines.append(f"  {ICONS[group.lead.status]} {where}: {describe(group.lead)}{also}")
+                lines.append(f"  {_icon(group.lead)} {where}: {describe(group.lead)}{also}")
             for flag in result.cluster_flags:
-                lines.append(f"  {ICONS[flag.status]} {result.label_name} ({result.target_kind}): {describe(flag)}")
+                lines.append(f"  {_icon(flag)} {where}: {describe(flag)}")
         compared = self.comparison.headline() if self.comparison is not None else []
         return lines + compared + self.warnings
+
+
+def _icon(flag) -> str:
+    return ICONS[flag.status] if flag.stands else "?"
+
+
+def sanity_line(sanity: SanityView) -> str:
+    """E.g. ``CAM pass (0.02), Grad-CAM pass (0.02), Grad-CAM++ FAIL (0.97), consensus pass (0.31)``:
+    each method's verdict and its similarity after the classifier alone was re-initialised."""
+    if sanity.error:
+        return f"did not run ({sanity.error})"
+    first = sanity.steps[0]["similarity"] if sanity.steps else {}
+    parts = [
+        f"{method_title(m)} {'FAIL' if v == 'fail' else 'pass'} ({first[m]:.2f})" for m, v in sanity.verdict.items()
+    ]
+    return ", ".join(parts) + f" (similarity with the classifier re-initialised; fail at >= {sanity.threshold:g})"
 
 
 def describe(flag) -> str:
@@ -70,9 +90,11 @@ def describe(flag) -> str:
     method = method_title(flag.method)
     what = "of correct images beyond the base rate" if flag.kind == "context_reliance" else "of images"
     where = f"strategy cluster at the {flag.cluster}: " if flag.cluster else ""
+    unconfirmed = "" if flag.stands else f" (not confirmed: {method} failed the sanity check)"
     return (
         f"{where}{kind_title(flag.kind)} ({method}): {100 * flag.value:.0f}% {what}, "
         f"95% CI {100 * flag.low:.0f}-{100 * flag.high:.0f}%, {flag.status} at >= {100 * flag.threshold:.0f}%"
+        f"{unconfirmed}"
     )
 
 
@@ -98,7 +120,8 @@ def build_report(
     run = load_run(Path(run_dir))
     thresholds = thresholds_of(run).updated(**(overrides or {}))
     cluster_method = cluster_method or run.cluster_method
-    results = assess(run, thresholds, cluster_method)
+    sanity = read_sanity(run.run_dir, thresholds.sanity_similarity_max)
+    results = assess(run, thresholds, cluster_method, sanity.failing if sanity else frozenset())
     warnings = []
     if baseline is None:
         baseline, tolerance = _previous_comparison(run.run_dir, tolerance, warnings)
@@ -108,8 +131,9 @@ def build_report(
         if before.run_dir == run.run_dir:
             raise ReportInputError(f"a run cannot be its own baseline: {run.run_dir}")
         comparison = compare_runs(before, run, thresholds, tolerance, results, cluster_method)
-    summary = make_summary(run, results, thresholds, malignant_summary(malignant_view(run, thresholds)), cluster_method)
-    html = render_report(run, results, summary, thresholds, gallery, comparison)
+    malignant = malignant_summary(malignant_view(run, thresholds))
+    summary = make_summary(run, results, thresholds, malignant, cluster_method, sanity)
+    html = render_report(run, results, summary, thresholds, gallery, comparison, sanity)
     _write_atomic(run.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     if comparison is not None:
         _write_atomic(run.run_dir / COMPARE_FILE, json.dumps(comparison.to_dict(), indent=2))
@@ -120,7 +144,7 @@ def build_report(
             f"warning: {REPORT_FILE} is {size / 1e6:.0f} MB (over {SIZE_WARNING_BYTES / 1e6:.0f} MB); "
             "lower --gallery to make it lighter"
         )
-    return ReportResult(run.run_dir, summary, results, size, warnings, comparison)
+    return ReportResult(run.run_dir, summary, results, size, warnings, comparison, sanity)
 
 
 def _previous_comparison(run_dir: Path, tolerance: float, warnings: list[str]) -> tuple[Path | None, float]:

@@ -12,6 +12,9 @@ never mistaken for a change of the model. For each class and target kind found i
   cluster points at): *new* (raised now, not before), *resolved* (the other way round),
   *escalated* (warn -> fail) and *eased* (fail -> warn).
 
+Only what stands is compared: the rates and flags of a method that failed either run's sanity
+check (:mod:`audit.report.sanity`) are shown in each run's report but neither regress nor raise.
+
 A class's comparison status is ``fail`` when it regressed, ``warn`` when it has new or escalated
 flags within the tolerance, else ``pass``; a class with fewer than ``min_rows`` scored rows in
 either run is shown but not judged. Runs of different models, class lists or datasets are
@@ -28,6 +31,7 @@ from audit.report.aggregate import counted_pairs
 from audit.report.figures import kind_title, method_title
 from audit.report.flags import FLAG_ORDER, STATUSES, ClassResult, Flag, assess, worst
 from audit.report.load import ReportInputError, RunData
+from audit.report.sanity import failing_methods, stands
 from audit.report.thresholds import Thresholds
 
 COMPARE_FORMAT = "cam-audit-compare/1"
@@ -190,11 +194,17 @@ def compare_runs(
     if not 0 <= tolerance <= 1:
         raise ValueError(f"tolerance must be in [0, 1], got {tolerance}")
     cluster_method = cluster_method or run.cluster_method
-    before = {(r.label_name, r.target_kind): r for r in assess(baseline, thresholds, cluster_method)}
-    after = {(r.label_name, r.target_kind): r for r in (run_results or assess(run, thresholds, cluster_method))}
+    limit = thresholds.sanity_similarity_max
+    failing = failing_methods(run.run_dir, limit)
+    before_failing = failing_methods(baseline.run_dir, limit)
+    before = {(r.label_name, r.target_kind): r for r in assess(baseline, thresholds, cluster_method, before_failing)}
+    after = {
+        (r.label_name, r.target_kind): r for r in (run_results or assess(run, thresholds, cluster_method, failing))
+    }
     pairs = tuple(p for p in counted_pairs(run.proportional) if p in counted_pairs(baseline.proportional))
     rates = [("low_agreement", m) for m in ("all", *pairs)] + [("off_object", m) for m in LOCALIZED]
     rates.append(("context_reliance", "occlusion"))
+    rates = [(kind, method) for kind, method in rates if stands(method, failing | before_failing)]
     classes = [_compare_class(before[key], after[key], rates, tolerance) for key in after if key in before]
     if not classes:
         raise ReportInputError(
@@ -224,8 +234,8 @@ def _compare_class(
     result = ClassComparison(after.label_name, after.target_kind, before, after, changes)
     if result.judged:
         result.regressed = [c for c in changes if c.delta is not None and c.delta > tolerance + 1e-12]
-    old = {(f.kind, f.method, f.cluster): f for f in (*before.flags, *before.cluster_flags)}
-    new = {(f.kind, f.method, f.cluster): f for f in (*after.flags, *after.cluster_flags)}
+    old = {(f.kind, f.method, f.cluster): f for f in (*before.flags, *before.cluster_flags) if f.stands}
+    new = {(f.kind, f.method, f.cluster): f for f in (*after.flags, *after.cluster_flags) if f.stands}
     result.new_flags = [f for key, f in new.items() if key not in old]
     result.resolved_flags = [f for key, f in old.items() if key not in new]
     kept = [(old[key], f) for key, f in new.items() if key in old]

@@ -21,8 +21,22 @@ from audit.explain.methods import METHODS
 
 THUMB_PX = 200
 JPEG_QUALITY = 70
-METHOD_TITLES = {"cam": "CAM", "gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "consensus": "consensus"}
-_COLORS = {"cam": "#1b9e77", "gradcam": "#d95f02", "gradcampp": "#7570b3", "consensus": "#222222"}
+METHOD_TITLES = {
+    "cam": "CAM",
+    "gradcam": "Grad-CAM",
+    "gradcampp": "Grad-CAM++",
+    "consensus": "consensus",
+    "guided-gradcam": "Guided Grad-CAM",
+    "guided-gradcampp": "Guided Grad-CAM++",
+}
+_COLORS = {
+    "cam": "#1b9e77",
+    "gradcam": "#d95f02",
+    "gradcampp": "#7570b3",
+    "consensus": "#222222",
+    "guided-gradcam": "#e6ab02",
+    "guided-gradcampp": "#e7298a",
+}
 _PAIR_COLORS = {"cam_gradcam": "#1b9e77", "cam_gradcampp": "#d95f02", "gradcam_gradcampp": "#7570b3"}
 
 
@@ -38,7 +52,7 @@ def method_title(method: str) -> str:
     """``gradcam`` -> Grad-CAM, ``cam_gradcampp`` -> CAM vs Grad-CAM++, ``all`` -> all counted pairs."""
     if method == "all":
         return "all counted pairs"
-    if "_" in method:
+    if "_" in method and method not in METHOD_TITLES:
         a, b = method.split("_")
         return f"{METHOD_TITLES[a]} vs {METHOD_TITLES[b]}"
     return METHOD_TITLES.get(method, method)
@@ -74,6 +88,27 @@ def histograms(
         if axes.get_legend_handles_labels()[0]:
             axes.legend(fontsize=7, frameon=False, loc="best")
         axes.spines[["top", "right"]].set_visible(False)
+    return _png(figure)
+
+
+def sanity_plot(steps: list[dict]) -> Picture:
+    """Similarity of each method's maps to the trained model's against the cumulative randomization
+    step (Adebayo et al.'s cascading randomization figure); the trained model sits at 1."""
+    figure = Figure(figsize=(6.4, 2.8), dpi=90, layout="constrained")
+    axes = figure.subplots()
+    labels = ["trained"] + [step["randomized"][-1] for step in steps]
+    methods = [m for m in METHOD_TITLES if any(step["similarity"].get(m) is not None for step in steps)]
+    for method in methods:
+        values = [1.0] + [step["similarity"].get(method) for step in steps]
+        xs = [i for i, v in enumerate(values) if v is not None]
+        style = "--" if method.startswith("guided") else "-"
+        axes.plot(xs, [values[i] for i in xs], style, marker="o", color=_COLORS[method], label=METHOD_TITLES[method])
+    axes.axhline(0, color="#999", linewidth=0.8)
+    axes.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8, ha="right")
+    axes.set_ylim(-1.05, 1.05)
+    axes.set_ylabel("median Spearman vs trained")
+    axes.legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1, 0.5))
+    axes.spines[["top", "right"]].set_visible(False)
     return _png(figure)
 
 

@@ -16,7 +16,7 @@ were measured, :meth:`ClassResult.intervention` says whether they agree.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from audit.report.aggregate import (
 )
 from audit.report.clusters import GRID, OTHER, Strategies, class_strategies
 from audit.report.load import RunData, strategy_maps
+from audit.report.sanity import stands
 from audit.report.thresholds import Thresholds
 
 STATUSES = ("pass", "warn", "fail")
@@ -48,6 +49,7 @@ class Flag:
     low: float
     high: float
     cluster: str | None = None  # the region a strategy cluster points at; None for the whole class
+    stands: bool = True  # False when only methods that failed the sanity check raised it
 
     def to_dict(self) -> dict:
         entry = {
@@ -57,6 +59,7 @@ class Flag:
             "value": round(self.value, 4),
             "threshold": self.threshold,
             "ci": [round(self.low, 4), round(self.high, 4)],
+            "stands": self.stands,
         }
         return entry if self.cluster is None else {**entry, "cluster": self.cluster}
 
@@ -74,7 +77,14 @@ class ClassResult:
 
     @property
     def status(self) -> str:
-        return worst(f.status for f in (*self.flags, *self.cluster_flags))
+        """The worst standing flag's status: flags of methods that failed the sanity check do not count."""
+        return worst(f.status for f in (*self.flags, *self.cluster_flags) if f.stands)
+
+    @property
+    def not_confirmed(self) -> bool:
+        """Flagged, but only by methods that failed the sanity check."""
+        flags = (*self.flags, *self.cluster_flags)
+        return bool(flags) and not any(f.stands for f in flags)
 
     @property
     def flag_groups(self) -> list[FlagGroup]:
@@ -84,7 +94,10 @@ class ClassResult:
         for kind in FLAG_ORDER:
             flags = [f for f in self.flags if f.kind == kind]
             if flags:
-                lead = max(flags, key=lambda f: (STATUSES.index(f.status), f.method in ("all", "consensus"), f.value))
+                lead = max(
+                    flags,
+                    key=lambda f: (f.stands, STATUSES.index(f.status), f.method in ("all", "consensus"), f.value),
+                )
                 groups.append(FlagGroup(lead, tuple(f.method for f in flags if f is not lead)))
         return sorted(groups, key=lambda g: -STATUSES.index(g.lead.status))
 
@@ -98,7 +111,7 @@ class ClassResult:
         context = self.stats.reliance.get("object_hidden")
         if context is None or context.excess is None:
             return None
-        kinds = {f.kind for f in self.flags}
+        kinds = {f.kind for f in self.flags if f.stands}
         share = f"{_pct(context.kept.value)} of its correct images keep the class with the object hidden"
         base = f"(base rate {_pct(context.base.value)})"
         if "off_object" in kinds and "context_reliance" in kinds:
@@ -135,8 +148,11 @@ def worst(statuses) -> str:
     return max(statuses, key=STATUSES.index, default="pass")
 
 
-def judge(stats: GroupStats, thresholds: Thresholds, pairs: tuple[str, ...]) -> list[Flag]:
-    """The flags one set of rows raises, fail before warn within a kind."""
+def judge(
+    stats: GroupStats, thresholds: Thresholds, pairs: tuple[str, ...], failing: frozenset[str] = frozenset()
+) -> list[Flag]:
+    """The flags one set of rows raises, fail before warn within a kind; those raised only by
+    methods in ``failing`` (the sanity check's) do not stand."""
     flags = []
     for kind, methods in (("low_agreement", ("all", *pairs)), ("off_object", LOCALIZED)):
         for method in methods:
@@ -146,10 +162,19 @@ def judge(stats: GroupStats, thresholds: Thresholds, pairs: tuple[str, ...]) -> 
     context = stats.reliance.get("object_hidden")
     if context is not None and context.kept.scored >= thresholds.min_rows and context.low is not None:
         flags += _raised("context_reliance", "occlusion", context.excess, context.low, context.high, thresholds)
-    return sorted(flags, key=lambda f: -STATUSES.index(f.status))
+    return sorted(_mark(flags, failing), key=lambda f: -STATUSES.index(f.status))
 
 
-def judge_clusters(strategies: Strategies | None, class_flags: list[Flag], thresholds: Thresholds) -> list[Flag]:
+def _mark(flags: list[Flag], failing: frozenset[str]) -> list[Flag]:
+    return [replace(f, stands=stands(f.method, failing)) for f in flags]
+
+
+def judge_clusters(
+    strategies: Strategies | None,
+    class_flags: list[Flag],
+    thresholds: Thresholds,
+    failing: frozenset[str] = frozenset(),
+) -> list[Flag]:
     """Judge the strategy clusters of a class split into several, and return the flags they add.
 
     A cluster holding at least ``cluster_share_min`` of the class and ``min_rows`` images is
@@ -171,12 +196,16 @@ def judge_clusters(strategies: Strategies | None, class_flags: list[Flag], thres
             cluster.flags += _raised(
                 "context_reliance", "occlusion", context.excess, context.low, context.high, thresholds, region
             )
+        cluster.flags = _mark(cluster.flags, failing)
         added += [f for f in cluster.flags if not _covered(f, class_flags)]
     return sorted(added, key=lambda f: -STATUSES.index(f.status))
 
 
 def _covered(flag: Flag, class_flags: list[Flag]) -> bool:
-    return any(c.kind == flag.kind and STATUSES.index(c.status) >= STATUSES.index(flag.status) for c in class_flags)
+    return any(
+        c.kind == flag.kind and STATUSES.index(c.status) >= STATUSES.index(flag.status) and c.stands >= flag.stands
+        for c in class_flags
+    )
 
 
 def _raised(
@@ -190,11 +219,13 @@ def _raised(
     return []
 
 
-def assess(run: RunData, thresholds: Thresholds, cluster_method: str = "consensus") -> list[ClassResult]:
+def assess(
+    run: RunData, thresholds: Thresholds, cluster_method: str = "consensus", failing: frozenset[str] = frozenset()
+) -> list[ClassResult]:
     """One result per model class and explained target kind, sorted fail -> warn -> pass.
 
     Each judged class's maps are clustered into strategies (``cluster_method``: a method or the
-    consensus)."""
+    consensus). Flags raised only by methods in ``failing`` (the sanity check's) do not stand."""
     pairs = counted_pairs(run.proportional)
     rows = run.rows
     flags = indicators(rows, thresholds, pairs)
@@ -210,7 +241,7 @@ def assess(run: RunData, thresholds: Thresholds, cluster_method: str = "consensu
             own = mask[same_kind]
             bases = base_rates(in_kind, label, ~own, thresholds, rng)
             stats.reliance = reliance(in_kind, own, bases, thresholds, rng)
-            result = ClassResult(label, name, kind, stats, judge(stats, thresholds, pairs))
+            result = ClassResult(label, name, kind, stats, judge(stats, thresholds, pairs, failing))
             result.judged = stats.scored >= thresholds.min_rows
             if result.judged:
                 result.strategies = class_strategies(
@@ -225,7 +256,7 @@ def assess(run: RunData, thresholds: Thresholds, cluster_method: str = "consensu
                     run.metadata_columns,
                     seed=BOOTSTRAP_SEED,
                 )
-                result.cluster_flags = judge_clusters(result.strategies, result.flags, thresholds)
+                result.cluster_flags = judge_clusters(result.strategies, result.flags, thresholds, failing)
             results.append(result)
     return sorted(results, key=lambda r: (-STATUSES.index(r.status), r.target_kind != "pred", r.label))
 

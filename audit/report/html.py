@@ -28,6 +28,7 @@ from audit.report.aggregate import ALL_PAIRS, GroupStats, counted_pairs, indicat
 from audit.report.compare import Comparison
 from audit.report.flags import ICONS, STATUSES, ClassResult
 from audit.report.load import RunData, class_mean_maps, map_array, read_maps
+from audit.report.sanity import SanityView, stands
 from audit.report.thresholds import Thresholds
 
 GALLERY_FLAGGED = 8  # worst cases shown for a class with a flag
@@ -58,6 +59,7 @@ def render_report(
     thresholds: Thresholds,
     gallery: int = GALLERY_FLAGGED,
     comparison: Comparison | None = None,
+    sanity: SanityView | None = None,
 ) -> str:
     environment = Environment(
         loader=PackageLoader("audit.report"), autoescape=True, trim_blocks=True, lstrip_blocks=True
@@ -66,6 +68,8 @@ def render_report(
         pct=_pct, num=_num, ci=_ci, delta=_delta, method=figures.method_title, kind=figures.kind_title
     )
     environment.globals["cluster_color"] = figures.cluster_color
+    failing = sanity.failing if sanity else frozenset()
+    environment.globals["stands"] = lambda method: stands(method, failing)
     script = resources.files("audit.report").joinpath("templates/report.js").read_text(encoding="utf-8")
     pairs = counted_pairs(run.proportional)
     flags = indicators(run.rows, thresholds, pairs)
@@ -90,6 +94,8 @@ def render_report(
         localized=LOCALIZED,
         malignant=summary.get("malignant_vs_benign"),
         comparison=comparison,
+        sanity=sanity,
+        sanity_picture=figures.sanity_plot(sanity.steps) if sanity and sanity.steps else None,
         errors=_errors(run.rows),
         script=script,
         script_hash=base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii"),

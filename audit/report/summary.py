@@ -20,6 +20,13 @@ each {``cluster`` (1, 2, ... by size; null for the pooled small ones), ``region`
 values), ``examples`` (image ids), ``flags``}; cluster flags carry ``cluster`` (the region) and
 count towards the class's ``status`` where they add to its own flags (a kind the class is not
 already flagged for at that status).
+
+The model-randomization sanity check (:mod:`audit.report.sanity`), where the run has one:
+``sanity`` = {``images``, ``seeds``, ``guided_images``, ``threshold``, ``steps`` (each
+{``randomized``: module names, ``similarity``: {method: median Spearman}}, step 0 being the
+classifier alone), ``verdict`` ({method: pass|fail}), ``notes``, ``seconds``}, or {``error``}.
+Every flag says whether it ``stands``: a flag raised only by methods that failed the check does
+not, and does not count towards its class's ``status``.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from audit.report.aggregate import FAITHFULNESS_KINDS, counted_pairs
 from audit.report.clusters import OTHER
 from audit.report.flags import ClassResult, worst
 from audit.report.load import RunData
+from audit.report.sanity import SanityView
 from audit.report.thresholds import Thresholds
 
 SUMMARY_FORMAT = "cam-audit-summary/1"
@@ -43,6 +51,7 @@ def make_summary(
     thresholds: Thresholds,
     malignant: list[dict] | None = None,
     cluster_method: str = "consensus",
+    sanity: SanityView | None = None,
 ) -> dict:
     rows = run.rows
     notes = []
@@ -70,6 +79,13 @@ def make_summary(
         "notes": notes,
         "classes": [_class_entry(r) for r in results],
     }
+    if sanity is not None:
+        summary["sanity"] = sanity.to_dict()
+        if run.proportional and not sanity.error:
+            notes.append(
+                "CAM and Grad-CAM are one witness on this model, not two: both passing the sanity check "
+                "(or failing it) says the same thing twice."
+            )
     faithful = run_faithfulness(run)
     if faithful:
         summary["faithfulness"] = faithful

@@ -36,6 +36,11 @@ Defaults, and why:
   than 5 images are pooled as "other", and a cluster holding at least 10% of its class (and
   ``min_rows`` images) is judged by the same rules as a class: a shortcut used by a tenth of a
   class is worth a flag, and fewer images than that say little.
+* ``sanity_similarity_max = 0.5``: a method fails the model-randomization sanity check
+  (:mod:`audit.explain.sanity`) when its maps after re-initialising the classifier still
+  correlate with the trained model's at this median Spearman correlation or more: half the
+  ranking of the map's regions survives without the decision, so the map says where features
+  fire rather than what the classifier used. Its flags then no longer stand alone.
 * ``min_rows = 10``: a class with fewer scored rows is shown but not judged: a bootstrap over a
   handful of images says little.
 * ``confidence = 0.95`` and ``bootstrap = 2000`` resamples: the usual interval, stable to about
@@ -70,6 +75,8 @@ HELP = {
     "cluster_share_min": "strategy clusters holding at least this share of their class are judged",
     "clusters_max": "at most this many strategy clusters per class",
     "cluster_floor": "strategy clusters with fewer images are pooled as other",
+    "sanity_similarity_max": "a method fails the sanity check when its maps correlate this much (median "
+    "Spearman) with the trained model's after the classifier is re-initialised",
     "min_rows": "classes (and clusters) with fewer scored images are not judged",
     "confidence": "level of the bootstrap confidence intervals",
     "bootstrap": "bootstrap resamples",
@@ -90,6 +97,7 @@ class Thresholds:
     cluster_share_min: float = 0.1
     clusters_max: int = 6
     cluster_floor: int = 5
+    sanity_similarity_max: float = 0.5
     min_rows: int = 10
     confidence: float = 0.95
     bootstrap: int = 2000
@@ -102,6 +110,10 @@ class Thresholds:
         for kind in FLAG_KINDS:
             warn, fail = getattr(self, f"{kind}_warn"), getattr(self, f"{kind}_fail")
             _require(warn <= fail, f"{kind}_warn ({warn}) must not exceed {kind}_fail ({fail})")
+        _require(
+            -1 <= self.sanity_similarity_max <= 1,
+            f"sanity_similarity_max must be in [-1, 1], got {self.sanity_similarity_max}",
+        )
         _require(self.min_rows >= 1, f"min_rows must be >= 1, got {self.min_rows}")
         _require(0 <= self.cluster_share_min <= 1, f"cluster_share_min must be in [0, 1], got {self.cluster_share_min}")
         _require(1 <= self.clusters_max <= 20, f"clusters_max must be in [1, 20], got {self.clusters_max}")
