@@ -49,7 +49,11 @@ class Quadrants(nn.Module):
     def __init__(self, classes: int = 4) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, stride=4), nn.Softplus(), RegionGate()
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, stride=4),
+            nn.Softplus(),  # dense within each region: no cell is zero in every map
+            RegionGate(),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(8, classes)
