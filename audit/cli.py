@@ -304,6 +304,51 @@ def report_command(
         sys.exit(1)
 
 
+@main.command("explain")
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="cam-audit/1 checkpoint (.pt)")
+@click.option(
+    "--target",
+    default="pred",
+    show_default=True,
+    help="class to explain: pred, label (the class the image's folder names), or a class name or index",
+)
+@click.option(
+    "--methods",
+    help="comma list of cam, gradcam, gradcampp, guided-gradcam, guided-gradcampp [default: all the model has]",
+)
+@click.option("--npy", is_flag=True, help="also write each map as OUT/<stem>.<method>.npy at the input resolution")
+@click.option("--target-layer", help="module to explain (default: found automatically)")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="folder for the pictures")
+def explain_command(
+    images: tuple[Path, ...],
+    checkpoint: Path,
+    target: str,
+    methods: str | None,
+    npy: bool,
+    target_layer: str | None,
+    device: str | None,
+    out: Path,
+) -> None:
+    """Explain a few images: OUT/<stem>.png shows each image and one overlay per method.
+
+    The same engine and preprocessing as `audit run`, for a one-off look. Prints the files written.
+    """
+    from audit.explain.look import explain_images, parse_methods, write_looks
+
+    _require_cuda(device)
+    if out.exists() and not out.is_dir():
+        raise AuditError(f"--out {out} is a file; give a folder")
+    looks = explain_images(checkpoint, list(images), target, parse_methods(methods), target_layer, device)
+    for look in looks:
+        click.echo(
+            f"{look.path}: {look.target_name}, p = {look.probability:.3f} (predicted {look.predicted})", err=True
+        )
+    for path in write_looks(looks, out, npy):
+        click.echo(path)
+
+
 @main.command("compare")
 @click.argument("baseline_run", type=click.Path(path_type=Path))
 @click.argument("run_dir", metavar="RUN", type=click.Path(path_type=Path))

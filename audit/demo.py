@@ -4,9 +4,9 @@
    in a corner that is its only signal, while the other classes differ by their lesions;
 2. train a small classifier on it from random weights (`audit train`);
 3. audit it (`audit run` on a local Ray instance, then the report stage);
-4. say whether the report caught the shortcut: the planted class flagged off-object, and
-   confirmed by intervention (with its lesion hidden it is still recognised), no clean class
-   flagged.
+4. say whether the report caught the shortcut: the planted class flagged off-object by a
+   method that passes the sanity check, and confirmed by intervention (with its lesion hidden it
+   is still recognised), no clean class flagged; and which methods passed the sanity check.
 
 Everything lives under ``--out``; a second run reuses the data and the model when their
 settings are unchanged, and only audits again.
@@ -26,6 +26,10 @@ from audit.data.synthetic import Shortcut, SyntheticSpec, generate, load_spec
 from audit.models.train import TrainConfig, train_model
 from audit.pipeline.run import Execution, run_audit
 from audit.report import ReportResult, build_report
+from audit.report.build import sanity_line
+from audit.report.figures import method_title
+
+LOCALIZED_ORDER = ("consensus", "cam", "gradcam", "gradcampp")
 
 
 @dataclass(frozen=True)
@@ -78,11 +82,13 @@ class DemoResult:
         """What the demo found, in plain words."""
         name = self.shortcut_class
         entry = self.entry
-        rate = entry["off_object"]["consensus"]["value"]
+        method = self.witness
+        rate = entry["off_object"][method]["value"]
         planted = f"Planted: class {name}'s only signal is a colour patch in an image corner, away from the lesion."
         if self.caught:
             found = (
-                f"Found: {name} is flagged off-object ({100 * rate:.0f}% of its explanations lie mostly off the lesion)"
+                f"Found: {name} is flagged off-object ({100 * rate:.0f}% of its {method_title(method)} explanations "
+                "lie mostly off the lesion)"
             )
         else:
             found = f"Missed: {name} was not flagged off-object ({_pct(rate)} of its explanations lie off the lesion)"
@@ -94,7 +100,17 @@ class DemoResult:
             if not self.false_flags
             else f"; also flagged: {', '.join(self.false_flags)}."
         )
-        return [planted, found, f"Report: {self.report.html_path}"]
+        lines = [planted, found]
+        if self.report.sanity is not None:
+            lines.append(f"Sanity check: {sanity_line(self.report.sanity)}.")
+        return [*lines, f"Report: {self.report.html_path}"]
+
+    @property
+    def witness(self) -> str:
+        """The method the found line quotes: the first of the consensus, CAM, Grad-CAM and Grad-CAM++
+        whose off-object flag on the planted class stands (the consensus when none does)."""
+        standing = {f["method"] for f in self.entry["flags"] if f["kind"] == "off_object" and f["stands"]}
+        return next((m for m in LOCALIZED_ORDER if m in standing), "consensus")
 
     @property
     def entry(self) -> dict:
@@ -138,7 +154,7 @@ def run_demo(out: Path, settings: DemoSettings | None = None, say: Callable[[str
         Execution(progress=True),
     )
     report = build_report(run_dir)
-    flagged = {c["label_name"]: {f["kind"] for f in c["flags"]} for c in report.summary["classes"]}
+    flagged = {c["label_name"]: {f["kind"] for f in c["flags"] if f["stands"]} for c in report.summary["classes"]}
     caught = "off_object" in flagged.get(settings.shortcut_class, set())
     false_flags = sorted(name for name, kinds in flagged.items() if kinds and name != settings.shortcut_class)
     return DemoResult(run_dir, report, settings.shortcut_class, caught, false_flags, evaluation["test"]["accuracy"])

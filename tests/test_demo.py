@@ -24,8 +24,12 @@ def first_demo(ray_session, tmp_path_factory):
 def test_demo_flags_the_shortcut_class_and_only_it(first_demo):
     _, result, _ = first_demo
     summary = json.loads((result.run_dir / "summary.json").read_text())
-    off_object = {c["label_name"] for c in summary["classes"] if any(f["kind"] == "off_object" for f in c["flags"])}
-    assert off_object == {"df"}
+    off_object = {
+        c["label_name"]
+        for c in summary["classes"]
+        if any(f["kind"] == "off_object" and f["stands"] for f in c["flags"])
+    }
+    assert off_object == {"df"}  # by a method that passed the sanity check
     context = {c["label_name"] for c in summary["classes"] if any(f["kind"] == "context_reliance" for f in c["flags"])}
     assert context == {"df"}  # the model keeps answering df with the lesion hidden, and no other class
     assert next(c for c in summary["classes"] if c["label_name"] == "df")["intervention"]["verdict"] == "confirmed"
@@ -33,11 +37,17 @@ def test_demo_flags_the_shortcut_class_and_only_it(first_demo):
     assert all(c["status"] == "pass" for c in summary["classes"] if c["label_name"] != "df")
     assert result.caught and result.false_flags == [] and result.ok
     assert result.accuracy > 0.8  # the model learnt the task: the shortcut is what it uses for df
-    planted, found, report = result.lines()
+    planted, found, sanity, report = result.lines()
     assert "df" in planted and found.startswith("Found: df is flagged off-object") and "no other class" in found
     assert "confirmed by intervention" in found
+    # a GAP -> linear ResNet: CAM and Grad-CAM follow the classifier, Grad-CAM++ barely does (DESIGN.md)
+    verdict = summary["sanity"]["verdict"]
+    assert verdict["cam"] == verdict["gradcam"] == "pass" and verdict["gradcampp"] == "fail", summary["sanity"]
+    assert summary["sanity"]["images"] == 64 and len(summary["sanity"]["steps"]) == 4
+    assert sanity.startswith("Sanity check: CAM pass") and "Grad-CAM++ FAIL" in sanity
     html = (result.run_dir / "report.html").read_text()
     assert 'id="intervention-verdicts"' in html and 'id="faithfulness"' in html
+    assert 'id="sanity-verdict"' in html and 'id="sanity-steps"' in html and 'alt="Sanity check: similarity' in html
     assert report == f"Report: {result.run_dir / 'report.html'}"
 
 

@@ -454,4 +454,22 @@ def test_report_of_a_real_run_accounts_for_every_row(finished, tmp_path):
     assert (outside["status"] == "error").all()
     assert sum(c["n"] for c in summary["classes"]) + len(outside) == len(rows)
     html = (run_dir / "report.html").read_text()
-    assert html.count('class="card"') >= len(CLASSES) and "data:image/jpeg;base64," in html
+    cards = html.count('class="card"')
+    assert cards >= len(CLASSES) and "data:image/jpeg;base64," in html
+    # the gallery's guided maps, from the run's own checkpoint, one per card with a decodable image
+    shown = html.count("<figcaption>Guided Grad-CAM++</figcaption>")
+    assert 0 < shown <= cards and shown == html.count("<figcaption>Guided Grad-CAM</figcaption>")
+    assert 'id="sanity"' in html and summary["sanity"]["images"] == IMAGES - 4
+
+
+def test_report_without_the_runs_checkpoint_says_why_there_are_no_guided_maps(finished, tmp_path):
+    from audit.report import build_report
+
+    run_dir = tmp_path / finished.name
+    shutil.copytree(finished, run_dir)
+    info = json.loads((run_dir / "run.json").read_text())
+    info["model"]["checkpoint"] = str(tmp_path / "moved.pt")
+    (run_dir / "run.json").write_text(json.dumps(info))
+    html = build_report(run_dir).html_path.read_text()
+    assert "Guided Grad-CAM++</figcaption>" not in html
+    assert f"No Guided Grad-CAM maps: the run&#39;s checkpoint is not at {tmp_path / 'moved.pt'}." in html

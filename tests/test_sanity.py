@@ -239,9 +239,10 @@ def test_which_flags_stand():
     assert stands("gradcampp", frozenset())
 
 
-def _sanity_file(run_dir, gradcampp: float = 0.97, cam: float = 0.02) -> None:
+def _sanity_file(run_dir, gradcampp: float = 0.97, cam: float = 0.02, consensus: float = 0.3) -> None:
+    first = {"cam": cam, "gradcam": cam, "gradcampp": gradcampp, "consensus": consensus}
     steps = [
-        {"randomized": ["fc"], "similarity": {"cam": cam, "gradcam": cam, "gradcampp": gradcampp, "consensus": 0.3}},
+        {"randomized": ["fc"], "similarity": first},
         {"randomized": ["fc", "layer4.1"], "similarity": {"cam": 0.0, "gradcam": 0.0, "gradcampp": 0.9}},
     ]
     data = {"images": 64, "seeds": [0, 1, 2], "steps": steps, "guided_images": 8, "notes": {}, "seconds": 3.2}
@@ -304,3 +305,12 @@ def test_a_broken_or_failed_check_is_reported_not_raised(gradcampp_only_run):
     result = build_report(gradcampp_only_run)
     assert "error" in result.summary["sanity"]
     assert any("sanity check: did not run" in line for line in result.headline())
+
+
+def test_strategy_clusters_move_to_a_passing_method_when_theirs_fails(gradcampp_only_run):
+    _sanity_file(gradcampp_only_run, consensus=0.9)
+    result = build_report(gradcampp_only_run)
+    assert result.summary["cluster_method"] == "cam"
+    assert "strategy clusters use CAM maps: consensus failed the sanity check" in result.summary["notes"]
+    asked = build_report(gradcampp_only_run, cluster_method="consensus")  # asked for by name: kept
+    assert asked.summary["cluster_method"] == "consensus"

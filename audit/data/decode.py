@@ -35,6 +35,13 @@ def decode_image(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MA
         return _to_rgb(image)
 
 
+def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 resized to ``size`` = (h, w), bilinear, without cropping: a crop could cut away
+    exactly the corner where a shortcut sits."""
+    h, w = size
+    return np.asarray(Image.fromarray(rgb).resize((w, h), Image.Resampling.BILINEAR))
+
+
 def decode_mask(
     source: str | os.PathLike | bytes, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:

@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from audit.data.decode import DecodeError, decode_image, decode_mask
+from audit.data.decode import DecodeError, decode_image, decode_mask, resize_rgb
 from audit.data.manifest import BOX_COLUMNS
 from audit.data.masks import estimate_lesion_mask
 from audit.explain.engine import ExplainEngine, Explanation
@@ -33,8 +33,8 @@ PASS_THROUGH_SKIP = {"kinds", "image", "mask", "has_mask", "mask_source", "decod
 def decode_batch(batch: dict[str, np.ndarray], input_size: tuple[int, int], masks: str) -> dict[str, np.ndarray]:
     """Decode and resize each image (and its mask) to ``input_size``; failures become reasons.
 
-    Images are resized to the model's input size without cropping (a crop could cut away
-    exactly the corner where a shortcut sits); masks follow with nearest-neighbour.
+    Images are resized to the model's input size without cropping (:func:`resize_rgb`); masks
+    follow with nearest-neighbour.
     """
     h, w = input_size
     n = len(batch["image_id"])
@@ -51,7 +51,7 @@ def decode_batch(batch: dict[str, np.ndarray], input_size: tuple[int, int], mask
         except DecodeError as exc:
             stage[i], error[i] = "decode", str(exc)
             continue
-        images[i] = np.asarray(Image.fromarray(rgb).resize((w, h), Image.Resampling.BILINEAR))
+        images[i] = resize_rgb(rgb, input_size)
         mask_path = batch["mask_path"][i] if isinstance(batch["mask_path"][i], str) else None
         try:
             if mask_path and masks in ("auto", "provided"):

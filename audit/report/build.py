@@ -14,7 +14,7 @@ from audit.report.figures import kind_title, method_title
 from audit.report.flags import ICONS, STATUSES, ClassResult, assess, malignant_view
 from audit.report.html import GALLERY_FLAGGED, SIZE_WARNING_BYTES, malignant_summary, render_report
 from audit.report.load import ReportInputError, RunData, load_run
-from audit.report.sanity import SanityView, read_sanity
+from audit.report.sanity import SanityView, read_sanity, stands, trusted_cluster_method
 from audit.report.summary import make_summary
 from audit.report.thresholds import Thresholds
 
@@ -58,10 +58,14 @@ class ReportResult:
         ]
         if self.sanity is not None:
             lines.append(f"  sanity check: {sanity_line(self.sanity)}")
+        failing = self.sanity.failing if self.sanity is not None else frozenset()
         for result in self.results:
             where = f"{result.label_name} ({result.target_kind})"
             for group in result.flag_groups:
-                also = f"; also {', '.join(method_title(m) for m in group.others)}" if group.others else ""
+                others = [
+                    method_title(m) + ("" if stands(m, failing) else " (failed the sanity check)") for m in group.others
+                ]
+                also = f"; also {', '.join(others)}" if others else ""
                 lines.append(f"  {_icon(group.lead)} {where}: {describe(group.lead)}{also}")
             for flag in result.cluster_flags:
                 lines.append(f"  {_icon(flag)} {where}: {describe(flag)}")
@@ -119,9 +123,12 @@ def build_report(
     compared before is compared again with the same baseline, so the two files never disagree."""
     run = load_run(Path(run_dir))
     thresholds = thresholds_of(run).updated(**(overrides or {}))
-    cluster_method = cluster_method or run.cluster_method
     sanity = read_sanity(run.run_dir, thresholds.sanity_similarity_max)
-    results = assess(run, thresholds, cluster_method, sanity.failing if sanity else frozenset())
+    failing = sanity.failing if sanity else frozenset()
+    cluster_note = None
+    if cluster_method is None:
+        cluster_method, cluster_note = trusted_cluster_method(run, failing)
+    results = assess(run, thresholds, cluster_method, failing)
     warnings = []
     if baseline is None:
         baseline, tolerance = _previous_comparison(run.run_dir, tolerance, warnings)
@@ -133,6 +140,8 @@ def build_report(
         comparison = compare_runs(before, run, thresholds, tolerance, results, cluster_method)
     malignant = malignant_summary(malignant_view(run, thresholds))
     summary = make_summary(run, results, thresholds, malignant, cluster_method, sanity)
+    if cluster_note:
+        summary["notes"].append(cluster_note)
     html = render_report(run, results, summary, thresholds, gallery, comparison, sanity)
     _write_atomic(run.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     if comparison is not None:

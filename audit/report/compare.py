@@ -31,7 +31,7 @@ from audit.report.aggregate import counted_pairs
 from audit.report.figures import kind_title, method_title
 from audit.report.flags import FLAG_ORDER, STATUSES, ClassResult, Flag, assess, worst
 from audit.report.load import ReportInputError, RunData
-from audit.report.sanity import failing_methods, stands
+from audit.report.sanity import failing_methods, stands, trusted_cluster_method
 from audit.report.thresholds import Thresholds
 
 COMPARE_FORMAT = "cam-audit-compare/1"
@@ -190,12 +190,14 @@ def compare_runs(
     cluster_method: str | None = None,
 ) -> Comparison:
     """Compare ``run`` with ``baseline``; ``run_results`` are the run's own results when already assessed.
-    Both runs' maps are clustered with ``cluster_method`` (default: the run's config, else the consensus)."""
+    Both runs' maps are clustered with ``cluster_method`` (default: the run's config, else the consensus;
+    the first method that passed the run's sanity check where that one failed)."""
     if not 0 <= tolerance <= 1:
         raise ValueError(f"tolerance must be in [0, 1], got {tolerance}")
-    cluster_method = cluster_method or run.cluster_method
     limit = thresholds.sanity_similarity_max
     failing = failing_methods(run.run_dir, limit)
+    if cluster_method is None:
+        cluster_method, _ = trusted_cluster_method(run, failing)
     before_failing = failing_methods(baseline.run_dir, limit)
     before = {(r.label_name, r.target_kind): r for r in assess(baseline, thresholds, cluster_method, before_failing)}
     after = {

@@ -189,6 +189,18 @@ def overlay(rgb: np.ndarray, saliency: np.ndarray, weight: float = 0.5) -> np.nd
     return ((1 - weight) * rgb + weight * heat).astype(np.uint8)
 
 
+def guided_picture(guided: np.ndarray, thumb: np.ndarray) -> np.ndarray:
+    """A guided map (H, W, 3) in the model's frame, shown as pytorch-grad-cam shows it (grey where
+    nothing flows) and stretched back to the thumbnail's size, like the overlays."""
+    import torch
+
+    from audit.explain.guided import display
+
+    shown = (display(torch.from_numpy(guided)).numpy() * 255).round().astype(np.uint8)
+    h, w = thumb.shape[:2]
+    return np.asarray(Image.fromarray(shown).resize((w, h), Image.Resampling.BILINEAR))
+
+
 def outline(rgb: np.ndarray, mask: np.ndarray | None, color: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
     """The image with the object mask's contour drawn on it (unchanged when there is no mask)."""
     if mask is None or not mask.any():

@@ -27,6 +27,7 @@ from audit.report import figures
 from audit.report.aggregate import ALL_PAIRS, GroupStats, counted_pairs, indicators, metadata_slices
 from audit.report.compare import Comparison
 from audit.report.flags import ICONS, STATUSES, ClassResult
+from audit.report.guided import gallery_guided
 from audit.report.load import RunData, class_mean_maps, map_array, read_maps
 from audit.report.sanity import SanityView, stands
 from audit.report.thresholds import Thresholds
@@ -74,7 +75,7 @@ def render_report(
     pairs = counted_pairs(run.proportional)
     flags = indicators(run.rows, thresholds, pairs)
     means = class_mean_maps(run.run_dir)
-    cards = _gallery(run, results, flags, pairs, gallery)
+    cards, guided_missing = _gallery(run, results, flags, pairs, gallery)
     strategies = _strategy_panels(run, results)
     sections = [_class_section(run, result, flags, means, cards, thresholds) for result in results]
     for section in sections:
@@ -95,6 +96,7 @@ def render_report(
         malignant=summary.get("malignant_vs_benign"),
         comparison=comparison,
         sanity=sanity,
+        guided_missing=guided_missing,
         sanity_picture=figures.sanity_plot(sanity.steps) if sanity and sanity.steps else None,
         errors=_errors(run.rows),
         script=script,
@@ -135,9 +137,10 @@ def _class_section(
 
 def _gallery(
     run: RunData, results: list[ClassResult], flags: pd.DataFrame, pairs: tuple[str, ...], cap: int
-) -> dict[tuple[int, str], list[Card]]:
+) -> tuple[dict[tuple[int, str], list[Card]], str | None]:
     """The worst cases of each class, interleaved: the most off-object rows, the least agreeing
-    ones and, in a context-reliant class, the correct rows that keep the class with the object hidden."""
+    ones and, in a context-reliant class, the correct rows that keep the class with the object hidden.
+    Also says why the cards have no guided maps, where they have none."""
     chosen: dict[tuple[int, str], list[Card]] = {}
     for result in results:
         limit = cap if result.flags else min(cap, GALLERY_PASSING)
@@ -171,8 +174,8 @@ def _gallery(
             )
             for i, reasons in picked.items()
         ]
-    _draw_cards(run, [card for cards in chosen.values() for card in cards])
-    return chosen
+    guided_missing = _draw_cards(run, [card for cards in chosen.values() for card in cards])
+    return chosen, guided_missing
 
 
 @dataclass
@@ -244,9 +247,10 @@ def _kept_without_object(rows: pd.DataFrame, result: ClassResult) -> pd.Series:
     return prob.sort_values(ascending=False, kind="stable")
 
 
-def _draw_cards(run: RunData, cards: list[Card]) -> None:
+def _draw_cards(run: RunData, cards: list[Card]) -> str | None:
+    """Draw each card's pictures; returns why there are no guided maps, or None."""
     if not cards:
-        return
+        return None
     maps = read_maps(run.run_dir, sorted({c.image_id for c in cards}))
     where = {
         (image_id, kind): i
@@ -254,12 +258,18 @@ def _draw_cards(run: RunData, cards: list[Card]) -> None:
             zip(maps.column("image_id").to_pylist(), maps.column("target_kind").to_pylist())
         )
     }
-    for card in cards:
+    decoded: dict[int, np.ndarray] = {}
+    for position, card in enumerate(cards):
         try:
-            rgb = decode_image(card.row["path"])
+            decoded[position] = decode_image(card.row["path"])
         except (DecodeError, TypeError) as exc:
             card.missing = f"image not available: {exc}"
-            continue
+    ready = sorted(decoded)
+    guided, guided_missing = gallery_guided(
+        run.info, [decoded[p] for p in ready], [int(cards[p].row["target"]) for p in ready]
+    )
+    for order, position in enumerate(ready):
+        card, rgb = cards[position], decoded[position]
         thumb = figures.thumbnail(rgb)
         contour = _object_mask(card.row, rgb, run.input_size)
         card.pictures.append(("image", figures.jpeg(figures.outline(thumb, contour))))
@@ -274,6 +284,10 @@ def _draw_cards(run: RunData, cards: list[Card]) -> None:
                 None if saliency is None else figures.jpeg(figures.outline(figures.overlay(thumb, saliency), contour))
             )
             card.pictures.append((figures.METHOD_TITLES[method], picture))
+        for name, guided_maps in guided.items():
+            picture = figures.jpeg(figures.guided_picture(guided_maps[order], thumb))
+            card.pictures.append((figures.METHOD_TITLES[name], picture))
+    return guided_missing
 
 
 def _object_mask(row: dict, rgb: np.ndarray, input_size: tuple[int, int]) -> np.ndarray | None:

@@ -14,10 +14,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from audit.config import CLUSTER_METHODS
 from audit.explain.methods import METHODS
 from audit.explain.metrics import METHOD_PAIRS
 from audit.explain.sanity import SANITY_FILE, SANITY_METHODS, verdicts
+from audit.report.figures import method_title
+
+if TYPE_CHECKING:
+    from audit.report.load import RunData
 
 PAIRS = {f"{a}_{b}": (a, b) for a, b in METHOD_PAIRS}
 
@@ -98,3 +104,18 @@ def failing_methods(run_dir: Path, threshold: float) -> frozenset[str]:
     """The methods of a run that failed its sanity check at ``threshold`` (none without a check)."""
     view = read_sanity(run_dir, threshold)
     return view.failing if view is not None else frozenset()
+
+
+def trusted_cluster_method(run: RunData, failing: frozenset[str]) -> tuple[str, str | None]:
+    """The run's cluster method, or, when it failed the sanity check, the first of the consensus,
+    CAM, Grad-CAM and Grad-CAM++ that passed, with a note that says so."""
+    configured = run.cluster_method
+    if configured not in failing:
+        return configured, None
+    has_cam = bool(run.info["model"].get("cam_head"))
+    passing = [m for m in CLUSTER_METHODS if m not in failing and (m != "cam" or has_cam)]
+    if not passing:
+        return configured, None
+    return passing[0], (
+        f"strategy clusters use {method_title(passing[0])} maps: {method_title(configured)} failed the sanity check"
+    )
