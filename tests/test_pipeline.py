@@ -405,6 +405,9 @@ def test_bench_pipeline_reports_throughput_and_memory(ray_session, tmp_path):
     assert result.images == result.large_images == 32
     assert result.explain_images_per_s > 0 and result.forward_images_per_s > 0
     assert result.ratio_vs_forward == pytest.approx(result.explain_images_per_s / result.forward_images_per_s, rel=0.01)
+    assert result.default_vs_forward == pytest.approx(
+        result.default_images_per_s / result.forward_images_per_s, rel=0.01
+    )
     assert result.peak_rss_mb_small > 0 and result.memory_growth > 0
     assert not list(tmp_path.iterdir())  # its datasets and runs are cleaned up
 

@@ -314,3 +314,27 @@ def test_strategy_clusters_move_to_a_passing_method_when_theirs_fails(gradcampp_
     assert "strategy clusters use CAM maps: consensus failed the sanity check" in result.summary["notes"]
     asked = build_report(gradcampp_only_run, cluster_method="consensus")  # asked for by name: kept
     assert asked.summary["cluster_method"] == "consensus"
+
+
+def test_compare_holds_only_what_stands(tmp_path):
+    from audit.report import Thresholds
+    from audit.report.compare import compare_runs
+    from audit.report.load import load_run
+
+    def run(name: str, off: int):
+        rows = class_rows(0, 30, CLASSES)
+        rows += [
+            score_row(f"df{i}", 2, CLASSES, energy_in_mask_gradcampp=0.1 if i < off else 0.8, iou_gradcampp=0.1)
+            for i in range(30)
+        ]
+        return write_run(tmp_path / name, rows, CLASSES)
+
+    baseline, newer = run("20261201-010000-00000001", 0), run("20261201-020000-00000002", 25)
+    _sanity_file(newer)  # Grad-CAM++ fails in the newer run: its off-object rate rose, but it is no witness
+    comparison = compare_runs(load_run(baseline), load_run(newer), Thresholds())
+    df = next(c for c in comparison.classes if c.label_name == "df")
+    assert df.regressed == [] and df.new_flags == [] and comparison.status == "pass"
+    (newer / SANITY_FILE).unlink()  # without the check, the same rise is a regression
+    comparison = compare_runs(load_run(baseline), load_run(newer), Thresholds())
+    df = next(c for c in comparison.classes if c.label_name == "df")
+    assert [c.method for c in df.regressed] == ["gradcampp"] and comparison.status == "fail"
