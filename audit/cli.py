@@ -6,6 +6,7 @@ Exit codes: 0 success; 1 an audit gate failed; 2 bad input (one-line reason on s
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,15 +21,45 @@ if TYPE_CHECKING:
     from audit.report import ReportResult
 
 
+INTERNAL_ERROR = 3
+DEBUG_VARIABLE = "CAM_AUDIT_DEBUG"
+
+
 class AuditGroup(click.Group):
-    """Turns :class:`AuditError` into a one-line message and exit code 2, never a traceback."""
+    """No traceback reaches a user: bad input (:class:`AuditError`, a usage error) is one line and
+    exit 2; anything unforeseen is one line naming the error and exit 3, with the traceback only
+    when ``CAM_AUDIT_DEBUG=1``."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except AuditError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(str(exc), exc.exit_code)
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx is not None else "audit"
+            _fail(f"{exc.format_message()} (see {command} --help)", exc.exit_code)
+        except (click.exceptions.Exit, click.Abort, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: a bug, said in one line
+            if os.environ.get(DEBUG_VARIABLE):
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0]
+            _fail(
+                f"internal error: {type(exc).__name__}: {first} (a bug in cam-audit; rerun with "
+                f"{DEBUG_VARIABLE}=1 for the traceback)",
+                INTERNAL_ERROR,
+            )
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {' '.join(message.split())}", err=True)
+    sys.exit(code)
+
+
+def _folder(path: Path | None, option: str) -> None:
+    """A folder option that names an existing file is bad input, said before anything is written."""
+    if path is not None and path.exists() and not path.is_dir():
+        raise AuditError(f"{option} {path} is a file; give a folder")
 
 
 @click.group(cls=AuditGroup)
@@ -275,10 +306,9 @@ def _baseline(path: str | None) -> str | None:
 
 
 def _run_config(run_dir: Path):
-    from audit.config import RunConfig
-    from audit.pipeline.run import read_info
+    from audit.pipeline.run import read_config, read_info
 
-    return RunConfig.from_dict(read_info(run_dir)["config"])
+    return read_config(run_dir, read_info(run_dir))
 
 
 @main.command("report")
@@ -338,8 +368,7 @@ def explain_command(
     from audit.explain.look import explain_images, parse_methods, write_looks
 
     _require_cuda(device)
-    if out.exists() and not out.is_dir():
-        raise AuditError(f"--out {out} is a file; give a folder")
+    _folder(out, "--out")
     looks = explain_images(checkpoint, list(images), target, parse_methods(methods), target_layer, device)
     for look in looks:
         click.echo(
@@ -403,9 +432,10 @@ def baseline_command(run_dir: Path) -> None:
     Retention (--keep) never deletes the pinned run, and `audit run --baseline OUT/NAME/baseline`
     (or `baseline = ...` in a config file) compares every new run with it. Prints the pointer.
     """
-    from audit.history import BASELINE, point, resolve_run
+    from audit.history import BASELINE, point, read_run_info, resolve_run
 
     run_dir = resolve_run(run_dir)
+    read_run_info(run_dir)  # a run of ours, not a folder that happens to hold a run.json
     click.echo(point(run_dir.parent, BASELINE, run_dir))
 
 
@@ -540,6 +570,7 @@ def data_synth(out: Path, images: int, height: int, width: int, shortcuts: tuple
     """Write a synthetic HAM10000-layout dataset with planted shortcuts; prints the folder."""
     from audit.data.synthetic import SyntheticSpec, generate, parse_shortcut
 
+    _folder(out, "--out")
     try:
         planted = dict(parse_shortcut(text) for text in shortcuts)
         spec = SyntheticSpec(images=images, height=height, width=width, shortcuts=planted, seed=seed)
@@ -616,6 +647,7 @@ def demo_command(out: Path, images: int, epochs: int, image_size: int) -> None:
     """
     from audit.demo import DemoSettings, run_demo
 
+    _folder(out, "--out")
     result = run_demo(out, DemoSettings(images=images, epochs=epochs, image_size=image_size))
     for line in result.lines():
         click.echo(line)
@@ -642,6 +674,7 @@ def fetch_ham10000_command(dest: Path | None, base_url: str | None) -> None:
     from audit.data.fetch import DATAVERSE_URL, default_data_dir, fetch_ham10000
 
     dest = dest or default_data_dir("ham10000")
+    _folder(dest, "--dest")
     with _ByteProgress() as progress:
         fetch_ham10000(dest, base_url=base_url or DATAVERSE_URL, progress=progress)
     click.echo(dest)

@@ -31,6 +31,7 @@ from pathlib import Path
 from audit.errors import AuditError
 
 RUN_FILE = "run.json"
+RUN_KEYS = ("run_id", "status", "config", "model")
 LATEST = "latest"
 BASELINE = "baseline"
 POINTERS = (LATEST, BASELINE)
@@ -75,6 +76,31 @@ def resolve_run(path: Path) -> Path:
     if not is_run(path):
         raise HistoryError(f"{path} is not a run directory (no {RUN_FILE})")
     return path
+
+
+def read_run_info(run_dir: Path) -> dict:
+    """A run's run.json, checked to be cam-audit's: an object with a run id, a status, a config and a
+    model with its classes. Anything else (cut short, another tool's file) is a one-line error."""
+    path = Path(run_dir) / RUN_FILE
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise HistoryError(f"{run_dir} is not a run directory (no {RUN_FILE})") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise HistoryError(f"{path} is not a cam-audit run file: {_first_line(exc)}") from None
+    missing = [key for key in RUN_KEYS if not isinstance(info, dict) or key not in info]
+    if not missing and not (isinstance(info["model"], dict) and isinstance(info["model"].get("classes"), list)):
+        missing = ["model.classes"]
+    if not missing and not isinstance(info["config"], dict):
+        missing = ["config"]
+    if missing:
+        raise HistoryError(f"{path} is not a cam-audit run file (no {', '.join(missing)})")
+    return info
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def pointed(history: Path, pointer: str) -> Path | None:

@@ -144,7 +144,8 @@ def test_resume_cannot_change_what_a_run_computes_or_where_it_lies(tmp_path, mon
     from audit.errors import CheckpointError
 
     config = RunConfig(dataset="synthetic", checkpoint=str(tmp_path / "m.pt"), out=str(tmp_path), masks="auto")
-    (tmp_path / "run.json").write_text(json.dumps({"run_id": "r", "config": config.to_dict()}))
+    info = {"run_id": "r", "status": "interrupted", "config": config.to_dict(), "model": {"classes": ["a"]}}
+    (tmp_path / "run.json").write_text(json.dumps(info))
     with pytest.raises(RunError, match="cannot change masks"):
         resume_audit(tmp_path, changes={"masks": "none", "batch_size": 4})
     with pytest.raises(RunError, match="cannot change out"):

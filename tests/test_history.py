@@ -18,7 +18,9 @@ from audit.history import BASELINE, LATEST, HistoryError, create_run_dir, mark_l
 def _run(folder: Path, run_id: str, status: str = "complete") -> Path:
     run = folder / run_id
     run.mkdir(parents=True)
-    (run / "run.json").write_text(json.dumps({"run_id": run_id, "status": status}))
+    (run / "run.json").write_text(
+        json.dumps({"run_id": run_id, "status": status, "config": {}, "model": {"classes": ["a", "b"]}})
+    )
     return run
 
 

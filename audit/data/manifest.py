@@ -1,7 +1,8 @@
 """The Manifest: one row per image, the table every dataset loader returns.
 
 Columns: ``image_id`` (str, unique), ``path`` (str, absolute, inside the dataset root),
-``label`` (int), ``label_name`` (str), ``mask_path`` (str or null), ``group`` (str; the
+``label`` (int), ``label_name`` (str), ``mask_path`` (str, or None where the image has no mask:
+never NaN or a blank, whatever the source held), ``group`` (str; the
 lesion for HAM10000, used for leakage-free splits), ``source_row`` (the row's position in the
 dataset's own listing, which rejected rows share), optionally ``box_x0 box_y0 box_x1 box_y1``
 (fractions of the image), then pass-through metadata columns.
@@ -65,14 +66,15 @@ def read_table(path: Path) -> tuple[pd.DataFrame, list[str]]:
         try:
             return pd.read_parquet(path), warnings
         except Exception as exc:  # pyarrow raises several types for a damaged file
-            raise DatasetError(f"{path}: not a readable Parquet file ({exc})") from exc
+            raise DatasetError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from exc
     try:
-        frame = pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False)
-    except UnicodeDecodeError:
-        frame = pd.read_csv(path, encoding="latin-1", dtype=str, keep_default_na=False)
-        warnings.append(f"{path.name} is not UTF-8; read as Latin-1")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise DatasetError(f"{path}: not a readable CSV file ({exc})") from exc
+        try:
+            frame = pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False)
+        except UnicodeDecodeError:
+            frame = pd.read_csv(path, encoding="latin-1", dtype=str, keep_default_na=False)
+            warnings.append(f"{path.name} is not UTF-8; read as Latin-1")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError) as exc:
+        raise DatasetError(f"{path}: not a readable CSV file ({_first_line(exc)})") from exc
     frame.columns = [str(c).strip() for c in frame.columns]
     return frame, warnings
 
@@ -99,14 +101,16 @@ class ManifestBuilder:
         group: str | None = None,
         extra: dict | None = None,
     ) -> None:
-        image_id = str(image_id).strip()
-        resolved = resolve_inside(self.root, path) if str(path).strip() else None
-        reason = "empty path" if not str(path).strip() else self._problem(image_id, label_name)
-        if reason is None and resolved is None:
-            reason = f"path {str(path)!r} is outside the dataset root {self.root}"
-        mask = resolve_inside(self.mask_root, mask_path) if mask_path else None
-        if reason is None and mask_path and mask is None:
-            reason = f"mask path {str(mask_path)!r} is outside the mask folder {self.mask_root}"
+        image_id = "" if missing(image_id) else str(image_id).strip()
+        path = "" if missing(path) else str(path)
+        mask_path = None if missing(mask_path) else str(mask_path)
+        group = None if missing(group) else group
+        reason = "empty path" if not path.strip() else self._problem(image_id, label_name)
+        resolved = mask = None
+        if reason is None:
+            resolved, reason = _inside(self.root, path, "path", "the dataset root")
+        if reason is None and mask_path:
+            mask, reason = _inside(self.mask_root, mask_path, "mask path", "the mask folder")
         if reason is not None:
             self._rejected.append(
                 {"row": row, "image_id": image_id, "path": str(path), "label_name": str(label_name), "reason": reason}
@@ -140,8 +144,42 @@ class ManifestBuilder:
         manifest = manifest.astype(
             {"image_id": str, "path": str, "label": "int64", "label_name": str, "group": str, "source_row": "int64"}
         )
+        manifest = with_missing_masks_as_none(manifest)
         rejected = pd.DataFrame(self._rejected, columns=list(REJECTED_COLUMNS))
         return manifest, rejected
+
+
+def _inside(root: Path, candidate: str, what: str, where: str) -> tuple[Path | None, str | None]:
+    """``(resolved path, None)``, or ``(None, reason)`` for a path outside ``root`` or no path at all."""
+    try:
+        resolved = resolve_inside(root, candidate)
+    except (ValueError, OSError) as exc:  # a NUL byte, a name too long for the filesystem
+        return None, f"{what} {candidate[:80]!r} is not a usable file name ({_first_line(exc)})"
+    if resolved is None:
+        return None, f"{what} {candidate!r} is outside {where} {root}"
+    return resolved, None
+
+
+def with_missing_masks_as_none(manifest: pd.DataFrame) -> pd.DataFrame:
+    """``mask_path`` as an object column holding a str or None: pandas reads a missing string as NaN
+    (and a string column of pandas 3 cannot hold None), which is truthy and not a path. Applied where
+    a manifest is made and where one is read back from Parquet."""
+    values = [None if missing(v) else str(v) for v in manifest["mask_path"]]
+    return manifest.assign(mask_path=pd.Series(values, index=manifest.index, dtype=object))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def missing(value: object) -> bool:
+    """None, NaN (what pandas reads for an empty cell) or a blank string."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return value != value
+    return isinstance(value, str) and not value.strip()
 
 
 def _columns(rows: Iterable[dict]) -> list[str]:

@@ -61,7 +61,7 @@ def _label_names(frame: pd.DataFrame, classes: Sequence[str] | None, file: Path)
 def _classes(frame: pd.DataFrame, names: list[str]) -> tuple[str, ...]:
     if "label_name" in frame.columns:
         return tuple(sorted({n for n in names if n}))
-    return tuple(str(i) for i in range(max(int(n) for n in names) + 1))
+    return tuple(str(i) for i in range(max((int(n) for n in names), default=-1) + 1))
 
 
 def _box(value: object) -> float | None:

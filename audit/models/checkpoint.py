@@ -147,11 +147,28 @@ def load_model(checkpoint: Checkpoint) -> nn.Module:
     try:
         model.load_state_dict(checkpoint.state_dict, strict=True)
     except RuntimeError as exc:
-        first_line = str(exc).splitlines()[0]
         raise CheckpointError(
-            f"the weights do not fit {checkpoint.arch} with {checkpoint.num_classes} classes: {first_line}"
+            f"the weights do not fit {checkpoint.arch} with {checkpoint.num_classes} classes: "
+            f"{state_dict_mismatch(model.state_dict(), checkpoint.state_dict)}"
         ) from exc
     return model.eval()
+
+
+def state_dict_mismatch(wanted: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str:
+    """One line on how ``given`` differs from what a model ``wanted``: missing, unexpected and reshaped keys."""
+    missing = [k for k in wanted if k not in given]
+    unexpected = [k for k in given if k not in wanted]
+    reshaped = [k for k in wanted if k in given and tuple(wanted[k].shape) != tuple(given[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if reshaped:
+        key = reshaped[0]
+        shape = "x".join(map(str, given[key].shape)), "x".join(map(str, wanted[key].shape))
+        parts.append(f"{len(reshaped)} of another shape (e.g. {key}: {shape[0]} in the file, {shape[1]} in the model)")
+    return "; ".join(parts) or "the state dict does not load"
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from audit import history
 from audit.config import COMPUTED, RunConfig
 from audit.data import load_dataset
-from audit.data.manifest import BOX_COLUMNS, Dataset
+from audit.data.manifest import BOX_COLUMNS, Dataset, with_missing_masks_as_none
 from audit.errors import AuditError, CheckpointError
 from audit.explain.sanity import SANITY_FILE
 from audit.models.anatomy import inspect_model
@@ -99,7 +99,7 @@ def resume_audit(run_dir: Path, execution: Execution = Execution(), changes: dic
     ``changes`` may set the options that change no computed row (``batch_size``, ``fail_on``...)."""
     run_dir = Path(run_dir).resolve()
     info = read_info(run_dir)
-    config = RunConfig.from_dict(info["config"])
+    config = read_config(run_dir, info)
     if changes:
         thresholds = {**config.thresholds, **changes.get("thresholds", {})}
         wanted = config.updated(**{**changes, "thresholds": thresholds}).resolved()
@@ -109,9 +109,9 @@ def resume_audit(run_dir: Path, execution: Execution = Execution(), changes: dic
         config = wanted
         info["config"] = config.to_dict()
     data, checkpoint, sha = _read_checkpoint(config.checkpoint)
-    if sha != info["model"]["sha256"]:
+    if sha != info["model"].get("sha256"):
         raise RunError(f"{config.checkpoint} changed since run {info['run_id']} started; start a new run instead")
-    manifest = pd.read_parquet(run_dir / MANIFEST_FILE)
+    manifest = with_missing_masks_as_none(pd.read_parquet(run_dir / MANIFEST_FILE))
     schema = pq.read_schema(run_dir / "schema.parquet")
     state = RunState(run_dir, config, data, checkpoint, schema, manifest, info)
     return _execute(state, execution)
@@ -469,10 +469,16 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
 
 
 def read_info(run_dir: Path) -> dict:
-    path = run_dir / RUN_FILE
-    if not path.is_file():
-        raise RunError(f"{run_dir} is not a run directory (no {RUN_FILE})")
-    return json.loads(path.read_text(encoding="utf-8"))
+    """run.json, checked (:func:`audit.history.read_run_info`)."""
+    return history.read_run_info(run_dir)
+
+
+def read_config(run_dir: Path, info: dict) -> RunConfig:
+    """The configuration a run was started with; one that does not validate is a damaged run file."""
+    try:
+        return RunConfig.from_dict(info["config"])
+    except AuditError as exc:
+        raise RunError(f"{run_dir / RUN_FILE} is not a cam-audit run file: {exc}") from None
 
 
 def _write_info(run_dir: Path, info: dict) -> None:

@@ -52,7 +52,7 @@ def decode_batch(batch: dict[str, np.ndarray], input_size: tuple[int, int], mask
             stage[i], error[i] = "decode", str(exc)
             continue
         images[i] = resize_rgb(rgb, input_size)
-        mask_path = batch["mask_path"][i] if isinstance(batch["mask_path"][i], str) else None
+        mask_path = batch["mask_path"][i]  # a str, or None: the Manifest's one form of a missing mask
         try:
             if mask_path and masks in ("auto", "provided"):
                 full = decode_mask(mask_path, rgb.shape[:2])

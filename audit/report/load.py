@@ -6,7 +6,6 @@ the class-mean heatmaps and the gallery read the map columns, the gallery for it
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pyarrow.dataset as ds
 from audit.data.manifest import BOX_COLUMNS
 from audit.errors import AuditError
 from audit.explain.methods import METHODS
-from audit.history import RUN_FILE, resolve_run
+from audit.history import read_run_info, resolve_run
 from audit.pipeline.schema import (
     AGREEMENT_COLUMNS,
     EVIDENCE_COLUMNS,
@@ -116,12 +115,7 @@ class RunData:
 def load_run(run_dir: Path) -> RunData:
     """A run's facts and score columns; ``run_dir`` may be a ``latest`` or ``baseline`` pointer."""
     run_dir = resolve_run(run_dir)
-    info_path = run_dir / RUN_FILE
-    try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-        info["model"]["classes"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ReportInputError(f"{info_path} is not a cam-audit run file: {exc}") from exc
+    info = read_run_info(run_dir)
     dataset = _dataset(run_dir)
     names = set(dataset.schema.names)
     metadata = [n for n in dataset.schema.names if n not in NOT_METADATA]
