@@ -11,8 +11,13 @@ the same hash computed the same thing. Beside the runs, two pointers name a run 
 A pointer is a relative symbolic link (``cat OUT/N/latest/summary.json`` works), or a one-line
 text file holding the run id where the filesystem has no symbolic links. ``--keep K`` deletes the
 oldest runs beyond the newest K, but never a run a pointer names, the baseline a run was compared
-with, a run that is still running, or the baseline a running run compares with. Moving a
-pointer and deleting runs take a lock on the history, so concurrent runs of one audit are safe.
+with, a live run, or the baseline a live run compares with. Moving a pointer and deleting runs
+take a lock on the history, so concurrent runs of one audit are safe.
+
+A running driver holds a *lease* in its run.json (its host, process id and a heartbeat it
+refreshes every ``LEASE_INTERVAL_S``), so a run killed hard (SIGKILL, a pod eviction), which can
+record no end, is told from a live one: ``--resume`` refuses a live run and takes over a dead
+one, ``--keep`` prunes dead runs, and the report says which it is.
 """
 
 from __future__ import annotations
@@ -22,16 +27,21 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
+
+import psutil
 
 from audit.errors import AuditError
 
 RUN_FILE = "run.json"
 RUN_KEYS = ("run_id", "status", "config", "model")
+LEASE_INTERVAL_S = 10.0  # how often a running driver refreshes its heartbeat in run.json
+LEASE_TIMEOUT_S = 60.0  # a heartbeat older than this is a dead driver's
 LATEST = "latest"
 BASELINE = "baseline"
 POINTERS = (LATEST, BASELINE)
@@ -103,6 +113,65 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def new_lease() -> dict:
+    """Who is running a run: this host and process, and when it last said so (refreshed by the driver)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": _now(), "timeout_s": LEASE_TIMEOUT_S}
+
+
+def liveness(info: dict, run_dir: Path | None = None, now: datetime | None = None) -> str:
+    """``finished`` (the run recorded its end), ``live`` or ``dead`` (``running``, but its driver is gone).
+
+    A run is dead when its driver ran on this host and its process is gone, or when its heartbeat
+    is older than the lease's timeout (another host, or a process id reused). A run from before
+    leases existed is judged by its run.json's modification time."""
+    if info.get("status") != "running":
+        return "finished"
+    lease = info.get("lease") if isinstance(info.get("lease"), dict) else {}
+    age = _age(lease.get("heartbeat"), run_dir, now)
+    timeout = float(lease.get("timeout_s") or LEASE_TIMEOUT_S)
+    if lease.get("host") == socket.gethostname() and isinstance(lease.get("pid"), int):
+        if not _process_alive(lease["pid"]):
+            return "dead"
+    return "dead" if age is None or age > timeout else "live"
+
+
+def lease_note(info: dict) -> str:
+    """``pid 4242 on host-a, heartbeat 2026-12-01T10:00:00+00:00``: who held a run, and when last."""
+    lease = info.get("lease") if isinstance(info.get("lease"), dict) else {}
+    if not lease:
+        return "no lease recorded"
+    return f"pid {lease.get('pid')} on {lease.get('host')}, last heartbeat {lease.get('heartbeat')}"
+
+
+def _age(heartbeat: object, run_dir: Path | None, now: datetime | None) -> float | None:
+    now = now or datetime.now(timezone.utc)
+    try:
+        last = datetime.fromisoformat(str(heartbeat)) if heartbeat else None
+    except ValueError:
+        last = None
+    if last is None and run_dir is not None:
+        try:
+            last = datetime.fromtimestamp((Path(run_dir) / RUN_FILE).stat().st_mtime, timezone.utc)
+        except OSError:
+            return None
+    if last is None:
+        return None
+    if last.tzinfo is None:
+        last = last.replace(tzinfo=timezone.utc)
+    return (now - last).total_seconds()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
 def pointed(history: Path, pointer: str) -> Path | None:
     """The run a pointer names, or None when there is no pointer or its run is gone."""
     link = history / pointer
@@ -150,15 +219,15 @@ def runs(history: Path) -> list[Path]:
 def prune(history: Path, keep: int, protect: tuple[Path | None, ...] = ()) -> list[Path]:
     """Delete the runs older than the newest ``keep``; returns what was deleted.
 
-    Never deleted: the runs that a pointer or ``protect`` names, runs still running (another job
-    may be writing them) and the baselines those running runs compare with. A run killed hard
-    stays ``running`` until it is resumed or deleted by hand."""
+    Never deleted: the runs that a pointer or ``protect`` names, live runs (another job may be
+    writing them) and the baselines those live runs compare with. A run whose driver died (see
+    :func:`liveness`) is pruned like a finished one."""
     with _locked(history):
         protected = {p.resolve() for p in protect if p is not None}
         protected |= {run for run in (pointed(history, p) for p in POINTERS) if run is not None}
         candidates = runs(history)
         infos = {run: _info(run) for run in candidates}
-        running = {run for run, info in infos.items() if info.get("status") == "running"}
+        running = {run for run, info in infos.items() if liveness(info, run) == "live"}
         for run in running:
             baseline = (infos[run].get("config") or {}).get("baseline")
             if baseline:

@@ -100,3 +100,68 @@ def test_a_baseline_pointer_not_yet_set_is_skipped_but_a_missing_run_is_an_error
     (run,) = _history(tmp_path / "nightly", 1)
     point(tmp_path / "nightly", BASELINE, run)
     assert _baseline(str(tmp_path / "nightly" / BASELINE)) == str(run.resolve())
+
+
+# --- leases: a dead run told from a live one ---------------------------------------------------
+
+
+def _running(folder: Path, run_id: str, **lease) -> Path:
+    run = _run(folder, run_id, status="running")
+    info = json.loads((run / "run.json").read_text())
+    info["lease"] = {"host": "this-host", "pid": 1, "heartbeat": _ago(0), **lease}
+    (run / "run.json").write_text(json.dumps(info))
+    return run
+
+
+def _ago(seconds: float) -> str:
+    return (datetime.now(timezone.utc) - timedelta(seconds=seconds)).isoformat()
+
+
+def _gone_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_run_on_this_host_is_live_while_its_driver_is(tmp_path):
+    import os
+    import socket
+
+    here = socket.gethostname()
+    live = _running(tmp_path, "20261201-010000-aaaaaaaa", host=here, pid=os.getpid())
+    dead = _running(tmp_path, "20261201-020000-bbbbbbbb", host=here, pid=_gone_pid())
+    assert history.liveness(history.read_run_info(live), live) == "live"
+    assert history.liveness(history.read_run_info(dead), dead) == "dead"  # at once: no need to wait for the timeout
+
+
+def test_a_run_on_another_host_is_judged_by_its_heartbeat(tmp_path):
+    fresh = _running(tmp_path, "20261201-010000-aaaaaaaa", host="elsewhere", heartbeat=_ago(5))
+    stale = _running(tmp_path, "20261201-020000-bbbbbbbb", host="elsewhere", heartbeat=_ago(600))
+    assert history.liveness(history.read_run_info(fresh), fresh) == "live"
+    assert history.liveness(history.read_run_info(stale), stale) == "dead"
+    assert "elsewhere" in history.lease_note(history.read_run_info(stale))
+
+
+def test_a_run_without_a_lease_is_judged_by_the_age_of_its_run_file(tmp_path):
+    import os
+
+    run = _run(tmp_path, "20261201-010000-aaaaaaaa", status="running")
+    assert history.liveness(history.read_run_info(run), run) == "live"
+    old = (datetime.now(timezone.utc) - timedelta(hours=1)).timestamp()
+    os.utime(run / "run.json", (old, old))
+    assert history.liveness(history.read_run_info(run), run) == "dead"
+    assert history.liveness({"status": "complete"}) == "finished"
+
+
+def test_retention_prunes_dead_runs_and_keeps_live_ones(tmp_path):
+    import os
+    import socket
+
+    dead = _running(tmp_path, "20261201-010000-aaaaaaaa", host="elsewhere", heartbeat=_ago(600))
+    live = _running(tmp_path, "20261201-020000-bbbbbbbb", host=socket.gethostname(), pid=os.getpid())
+    newest = _run(tmp_path, "20261201-030000-cccccccc")
+    assert prune(tmp_path, keep=1) == [dead]
+    assert runs(tmp_path) == [live, newest]

@@ -6,9 +6,13 @@ One small synthetic dataset with bad files planted in it, one random-init resnet
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -17,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from audit import history
 from audit.config import RunConfig
 from audit.data.ham10000 import CLASSES
 from audit.data.synthetic import Shortcut, SyntheticSpec, generate
@@ -194,6 +199,35 @@ def test_run_json(finished):
     assert info["versions"]["torch"] and info["versions"]["ray"]
     assert info["attempts"][0]["computed_rows"] == 48 and info["timings"]["seconds"] > 0
     assert info["attempts"][0]["sanity_seconds"] > 0
+    assert info["lease"]["pid"] == os.getpid() and info["lease"]["host"] == socket.gethostname()
+    assert history.liveness(info, finished) == "finished"
+
+
+def test_a_running_driver_keeps_its_lease_fresh_and_cannot_be_resumed_under_it(
+    ray_session, dataset_dir, checkpoint, tmp_path
+):
+    config = _config(
+        dataset_dir, checkpoint, tmp_path, targets="pred", batch_size=2, limit=8, evidence="none", sanity_images=0
+    )
+    worker = threading.Thread(
+        target=run_audit, args=(config, Execution(progress=False, heartbeat_s=0.2, batch_delay=0.5)), daemon=True
+    )
+    worker.start()
+    heartbeats, run_dir, deadline = set(), None, time.monotonic() + 120
+    while worker.is_alive() and len(heartbeats) < 3 and time.monotonic() < deadline:
+        found = list(tmp_path.glob("*/*/run.json"))
+        if found:
+            run_dir = found[0].parent
+            info = history.read_run_info(run_dir)
+            if info["status"] == "running":
+                heartbeats.add(info["lease"]["heartbeat"])
+                assert history.liveness(info, run_dir) == "live"
+        time.sleep(0.1)
+    assert len(heartbeats) >= 3, "the heartbeat did not move while the run worked"
+    with pytest.raises(RunError, match="is still running"):
+        resume_audit(run_dir, Execution(progress=False))
+    worker.join(timeout=300)
+    assert history.read_run_info(run_dir)["status"] == "complete"
 
 
 def test_the_run_checks_its_maps_by_model_randomization(finished):
@@ -334,7 +368,13 @@ def test_interrupted_driver_resumes_without_recomputing(dataset_dir, checkpoint,
         assert driver.returncode == 130 and "--resume" in stderr
         assert info["status"] == "interrupted"
     else:
-        assert info["status"] == "running"  # nobody could record the end
+        assert info["status"] == "running"  # nobody could record the end...
+        assert info["lease"]["pid"] == driver.pid  # ...but the lease says whose it was,
+        assert history.liveness(info, run_dir) == "dead"  # and that its driver is gone
+        from audit.report import build_report
+
+        notes = build_report(run_dir).summary["notes"]
+        assert any(note.startswith("the run died while running") for note in notes)
     before = count_rows(run_dir)["rows"]
     assert 0 < before < 26  # one target: 24 images + 2 rejected rows
 

@@ -24,8 +24,9 @@ import hashlib
 import json
 import logging
 import platform
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -72,6 +73,7 @@ class Execution:
     mode: str = "explain"
     kill_worker_after: str | None = None
     batch_delay: float = 0.0
+    heartbeat_s: float = history.LEASE_INTERVAL_S
 
 
 @dataclass
@@ -83,6 +85,11 @@ class RunState:
     schema: pa.Schema
     manifest: pd.DataFrame
     info: dict
+    lock: threading.Lock = field(default_factory=threading.Lock)  # the heartbeat writes run.json too
+
+    def save(self) -> None:
+        with self.lock:
+            _write_info(self.run_dir, self.info)
 
 
 def run_audit(config: RunConfig, execution: Execution = Execution()) -> Path:
@@ -99,6 +106,10 @@ def resume_audit(run_dir: Path, execution: Execution = Execution(), changes: dic
     ``changes`` may set the options that change no computed row (``batch_size``, ``fail_on``...)."""
     run_dir = Path(run_dir).resolve()
     info = read_info(run_dir)
+    if history.liveness(info, run_dir) == "live":
+        raise RunError(
+            f"run {run_dir.name} is still running ({history.lease_note(info)}); wait for it, or stop its driver first"
+        )
     config = read_config(run_dir, info)
     if changes:
         thresholds = {**config.thresholds, **changes.get("thresholds", {})}
@@ -188,10 +199,11 @@ def _execute(state: RunState, execution: Execution) -> Path:
     attempt = {"started": _now(), "computed_rows": 0, "passes": 0}
     state.info["attempts"].append(attempt)
     state.info["status"] = "running"
-    _write_info(state.run_dir, state.info)
+    state.info["lease"] = history.new_lease()
+    state.save()
     began = time.perf_counter()
     try:
-        with ray_cluster(state.config.address):
+        with _Heartbeat(state, execution.heartbeat_s), ray_cluster(state.config.address):
             plan = plan_resources(state.config.actors)
             attempt["resources"] = plan.to_dict()
             checkpoint_ref = ray.put(state.checkpoint_bytes)
@@ -368,7 +380,7 @@ def _finish(state: RunState, attempt: dict, began: float, status: str | None) ->
         "seconds": round(seconds, 3),
         "rows_per_second": round(counts["rows"] / seconds, 3) if seconds else None,
     }
-    _write_info(state.run_dir, state.info)
+    state.save()
     if status == "complete":
         history.mark_latest(state.run_dir)
     if status == "incomplete":
@@ -489,6 +501,30 @@ def _write_info(run_dir: Path, info: dict) -> None:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
+
+
+class _Heartbeat:
+    """Refreshes the run's lease in run.json every ``interval`` seconds while the driver works, so
+    that a driver killed hard leaves a heartbeat that goes stale (:func:`audit.history.liveness`)."""
+
+    def __init__(self, state: RunState, interval: float) -> None:
+        self.state, self.interval = state, interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="cam-audit-heartbeat", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.interval):
+            with self.state.lock:
+                self.state.info["lease"]["heartbeat"] = _now()
+                _write_info(self.state.run_dir, self.state.info)
 
 
 class _Progress:

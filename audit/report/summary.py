@@ -34,6 +34,7 @@ from __future__ import annotations
 import pandas as pd
 
 from audit.explain.metrics import LOCALIZED
+from audit.history import lease_note, liveness
 from audit.models.anatomy import MIN_MAP_SIDE
 from audit.report.aggregate import FAITHFULNESS_KINDS, counted_pairs
 from audit.report.clusters import OTHER
@@ -63,7 +64,15 @@ def make_summary(
     coarse = coarse_maps_note(run)
     if coarse:
         notes.append(coarse)
-    if run.info.get("status") != "complete":
+    state = liveness(run.info, run.run_dir)
+    if state == "live":
+        notes.append(f"the run is still running ({lease_note(run.info)}): rates cover the rows it holds so far")
+    elif state == "dead":
+        notes.append(
+            f"the run died while running ({lease_note(run.info)}): rates cover the rows it holds; "
+            "finish it with `audit run --resume`"
+        )
+    elif run.info.get("status") != "complete":
         notes.append(f"the run is {run.info.get('status', 'unknown')}: rates cover the rows it holds")
     summary = {
         "format": SUMMARY_FORMAT,
@@ -73,6 +82,7 @@ def make_summary(
         "rows": int(len(rows)),
         "errors": int(rows["status"].ne("ok").sum()),
         "run_status": run.info.get("status"),
+        "run_liveness": state,
         "target_kinds": run.target_kinds,
         "counted_pairs": list(counted_pairs(run.proportional)),
         "cluster_method": cluster_method,
