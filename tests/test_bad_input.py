@@ -170,7 +170,7 @@ RESUMES = [
     ("run.json not an object", b"[1, 2]", "is not a cam-audit run file"),
     (
         "run.json with a bad config",
-        b'{"run_id": "x", "status": "running", "config": {"dataset": 3}, "model": {"classes": []}}',
+        b'{"run_id": "x", "status": "interrupted", "config": {"dataset": 3}, "model": {"classes": []}}',
         "is not a cam-audit run file: missing option: checkpoint",
     ),
 ]
