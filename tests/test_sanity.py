@@ -145,7 +145,7 @@ def test_randomize_is_reproducible_and_replaces_every_parameter():
 
 def test_maps_that_cannot_depend_on_the_classifier_fail():
     model = _seeded(ActivationSum())
-    result = SanityCheck(model, SIZE, target_layer="features")(_images())
+    result = SanityCheck(ExplainEngine(model, SIZE, target_layer="features"))(_images())
     first = result.steps[0].similarity
     assert result.steps[0].randomized == ["head"]
     assert first["gradcam"] == pytest.approx(1.0)
@@ -159,7 +159,7 @@ def test_maps_that_cannot_depend_on_the_classifier_fail():
 
 def test_maps_that_follow_the_classifier_pass():
     model = _seeded(Quadrants())
-    result = SanityCheck(model, SIZE)(_images())
+    result = SanityCheck(ExplainEngine(model, SIZE))(_images())
     first = result.steps[0].similarity
     assert result.seeds == [0, 1, 2] and result.images == 24 and result.guided_images == 8
     verdict = verdicts([{"similarity": first}], threshold=0.5)
@@ -170,7 +170,7 @@ def test_maps_that_follow_the_classifier_pass():
 def test_the_check_leaves_the_trained_model_alone():
     model = _seeded(Quadrants())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    SanityCheck(model, SIZE, seeds=(0,))(_images(6))
+    SanityCheck(ExplainEngine(model, SIZE), seeds=(0,))(_images(6))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert isinstance(model.features[1], nn.ReLU)  # the guided copy's ReLUs stay in the copy
 
@@ -178,8 +178,8 @@ def test_the_check_leaves_the_trained_model_alone():
 def test_the_check_is_deterministic():
     model = _seeded(Quadrants())
     images = _images(8)
-    first = SanityCheck(model, SIZE, seeds=(0, 1))(images)
-    second = SanityCheck(model, SIZE, seeds=(0, 1))(images)
+    first = SanityCheck(ExplainEngine(model, SIZE), seeds=(0, 1))(images)
+    second = SanityCheck(ExplainEngine(model, SIZE), seeds=(0, 1))(images)
     assert [s.similarity for s in first.steps] == [s.similarity for s in second.steps]
 
 
@@ -220,7 +220,7 @@ def test_models_without_relus_get_no_guided_maps_and_say_why():
     assert "nn.ReLU" in guided_note(model)
     with pytest.raises(ValueError, match="ReLU"):
         GuidedBackprop(model)
-    result = SanityCheck(model, SIZE, target_layer="0", seeds=(0,))(_images(4))
+    result = SanityCheck(ExplainEngine(model, SIZE, target_layer="0"), seeds=(0,))(_images(4))
     assert result.guided_images == 0 and "guided-gradcampp" in result.notes
     assert result.steps[0].similarity["guided-gradcampp"] is None
 

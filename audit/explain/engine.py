@@ -66,12 +66,19 @@ class ExplainEngine:
         autocast_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model.eval()
+        self.input_size = input_size
         self.anatomy: Anatomy = inspect_model(model, input_size, target_layer, classifier)
+        self.settings = {"classifier": classifier, "gradcampp_eps": gradcampp_eps, "autocast_dtype": autocast_dtype}
         self.target_module = dict(model.named_modules())[self.anatomy.target_layer]
         self.autocast_dtype = autocast_dtype
         self.methods = [GradCAM(), GradCAMPlusPlus(eps=gradcampp_eps)]
         if self.anatomy.cam_head is not None:
             self.methods.insert(0, CAM(self.anatomy.cam_head))
+
+    def like(self, model: nn.Module) -> ExplainEngine:
+        """An engine with these settings, at this target layer, on another model of the same
+        architecture (a copy whose parameters were re-initialised, for the sanity check)."""
+        return ExplainEngine(model, self.input_size, self.anatomy.target_layer, **self.settings)
 
     @property
     def device(self) -> torch.device:

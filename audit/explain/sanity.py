@@ -92,36 +92,26 @@ def randomize(module: nn.Module, seed: int) -> None:
 
 
 class SanityCheck:
-    """Cascading randomization of one model at one target layer (see the module's docstring).
+    """Cascading randomization of one engine's model at its target layer (see the module's docstring).
 
     Args:
-        model: the trained classifier (not modified: the check works on copies).
-        input_size: (h, w) the model is fed.
-        target_layer, classifier, gradcampp_eps, autocast_dtype: as for :class:`ExplainEngine`.
+        engine: the trained model's engine; its model is not modified (the check works on copies).
         seeds: the re-initialisations averaged.
         chunk: images explained at once.
+        guided_images: how many of the images the guided maps are checked on.
     """
 
     def __init__(
         self,
-        model: nn.Module,
-        input_size: tuple[int, int],
-        target_layer: str | None = None,
-        classifier: str | None = None,
-        gradcampp_eps: float = 0.0,
-        autocast_dtype: torch.dtype | None = None,
+        engine: ExplainEngine,
         seeds: tuple[int, ...] = SEEDS,
         chunk: int = 32,
         guided_images: int = GUIDED_IMAGES,
     ) -> None:
-        self.model = model.eval()
-        self.options = dict(classifier=classifier, gradcampp_eps=gradcampp_eps, autocast_dtype=autocast_dtype)
-        self.engine = ExplainEngine(model, input_size, target_layer, **self.options)
-        self.input_size = input_size
-        self.target_layer = self.engine.anatomy.target_layer
-        self.cascade = randomization_cascade(model, input_size, self.target_layer)
+        self.engine, self.model = engine, engine.model
+        self.cascade = randomization_cascade(self.model, engine.input_size, engine.anatomy.target_layer)
         self.seeds, self.chunk, self.guided_images = tuple(seeds), chunk, guided_images
-        self.guided_note = guided_note(model)
+        self.guided_note = guided_note(self.model)
 
     def __call__(self, images: Tensor) -> SanityResult:
         """Run the check on ``images`` (N, 3, H, W), normalised as the model expects."""
@@ -140,7 +130,7 @@ class SanityCheck:
                     if name not in done:
                         randomize(modules[name], seed * 1000 + offset)
                         done.add(name)
-                engine = ExplainEngine(model, self.input_size, self.target_layer, **self.options)
+                engine = self.engine.like(model)
                 maps = self._maps(engine, images, targets)
                 maps.update(self._guided(model, engine, images[:guided_count], targets[:guided_count]))
                 for method, value in _similarities(trained, maps).items():

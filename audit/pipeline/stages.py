@@ -92,15 +92,7 @@ class Explainer:
         delay: float = 0.0,
     ) -> None:
         checkpoint, model, self.device = load_actor_model(checkpoint_ref, threads)
-        on_gpu = self.device.type == "cuda"
-        self.engine = ExplainEngine(
-            model,
-            checkpoint.input_size,
-            target_layer=config.get("target_layer"),
-            classifier=config.get("classifier"),
-            gradcampp_eps=config.get("gradcampp_eps", 0.0),
-            autocast_dtype=torch.bfloat16 if on_gpu else None,
-        )
+        self.engine = explain_engine(model, checkpoint, config)
         self.mean = torch.tensor(checkpoint.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(checkpoint.std, device=self.device).view(1, 3, 1, 1)
         self.settings = MetricSettings(
@@ -235,6 +227,19 @@ def load_actor_model(checkpoint_ref: list, threads: int | None) -> tuple[Checkpo
     return checkpoint, model, device
 
 
+def explain_engine(model: torch.nn.Module, checkpoint: Checkpoint, config: dict) -> ExplainEngine:
+    """The run's engine for ``model``: the run's target layer and options, bfloat16 on a GPU."""
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    return ExplainEngine(
+        model,
+        checkpoint.input_size,
+        target_layer=config.get("target_layer"),
+        classifier=config.get("classifier"),
+        gradcampp_eps=config.get("gradcampp_eps", 0.0),
+        autocast_dtype=torch.bfloat16 if on_gpu else None,
+    )
+
+
 def sanity_task(checkpoint_ref: list, config: dict, rows: dict[str, np.ndarray], threads: int | None = None) -> dict:
     """The run's sanity check (:mod:`audit.explain.sanity`) on the sampled ``rows``, as ``sanity.json`` holds it.
 
@@ -246,15 +251,7 @@ def sanity_task(checkpoint_ref: list, config: dict, rows: dict[str, np.ndarray],
         return {"error": "no sampled image could be decoded"}
     mean = torch.tensor(checkpoint.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(checkpoint.std, device=device).view(1, 3, 1, 1)
-    check = SanityCheck(
-        model,
-        checkpoint.input_size,
-        target_layer=config.get("target_layer"),
-        classifier=config.get("classifier"),
-        gradcampp_eps=config.get("gradcampp_eps", 0.0),
-        autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
-        chunk=config.get("batch_size", 32),
-    )
+    check = SanityCheck(explain_engine(model, checkpoint, config), chunk=config.get("batch_size", 32))
     result = check(model_input(decoded["image"][usable], mean, std)).to_dict()
     result["image_ids"] = [str(i) for i in np.asarray(rows["image_id"])[usable]]
     result["device"] = device.type
