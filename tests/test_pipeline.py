@@ -73,7 +73,7 @@ def checkpoint(tmp_path_factory):
 
 
 def _config(dataset_dir, checkpoint, out, **changes):
-    settings = {"targets": "both", "batch_size": 4, **changes}
+    settings = {"targets": "both", "batch_size": 4, "sanity_images": 0, **changes}  # the check: `finished` only
     return RunConfig(
         dataset="synthetic", data_dir=str(dataset_dir), checkpoint=str(checkpoint), out=str(out), **settings
     )
@@ -91,7 +91,8 @@ def _rows(run_dir) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def finished(ray_session, dataset_dir, checkpoint, tmp_path_factory):
-    return run_audit(_config(dataset_dir, checkpoint, tmp_path_factory.mktemp("runs")), Execution(progress=False))
+    config = _config(dataset_dir, checkpoint, tmp_path_factory.mktemp("runs"), sanity_images=64)
+    return run_audit(config, Execution(progress=False))
 
 
 def test_every_row_ends_once_ok_or_error(finished):
@@ -206,9 +207,7 @@ def test_run_json(finished):
 def test_a_running_driver_keeps_its_lease_fresh_and_cannot_be_resumed_under_it(
     ray_session, dataset_dir, checkpoint, tmp_path
 ):
-    config = _config(
-        dataset_dir, checkpoint, tmp_path, targets="pred", batch_size=2, limit=8, evidence="none", sanity_images=0
-    )
+    config = _config(dataset_dir, checkpoint, tmp_path, targets="pred", batch_size=2, limit=8, evidence="none")
     worker = threading.Thread(
         target=run_audit, args=(config, Execution(progress=False, heartbeat_s=0.2, batch_delay=0.5)), daemon=True
     )
@@ -311,7 +310,7 @@ def test_resume_refuses_a_changed_checkpoint(finished, tmp_path, checkpoint):
 def _run_command(dataset_dir, checkpoint, out, *extra: str) -> list[str]:
     """`audit run` on the test dataset, as a subprocess command line."""
     command = [sys.executable, "-m", "audit.cli", "run", "--dataset", "synthetic", "--data-dir", str(dataset_dir)]
-    return [*command, "--checkpoint", str(checkpoint), "--out", str(out), *extra]
+    return [*command, "--checkpoint", str(checkpoint), "--out", str(out), "--sanity-images", "0", *extra]
 
 
 def test_cli_reports_an_unreachable_cluster_and_missing_options(dataset_dir, checkpoint, tmp_path):
