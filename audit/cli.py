@@ -15,7 +15,7 @@ import click
 
 from audit import __version__
 from audit.config import CLUSTER_METHODS, DATASETS, DEFAULT_TOLERANCE, EVIDENCE, MASKS, TARGETS
-from audit.errors import AuditError
+from audit.errors import AuditError, first_line
 
 if TYPE_CHECKING:
     from audit.report import ReportResult
@@ -43,9 +43,8 @@ class AuditGroup(click.Group):
         except Exception as exc:  # noqa: BLE001 - the last line of defence: a bug, said in one line
             if os.environ.get(DEBUG_VARIABLE):
                 raise
-            first = (str(exc).strip().splitlines() or [""])[0]
             _fail(
-                f"internal error: {type(exc).__name__}: {first} (a bug in cam-audit; rerun with "
+                f"internal error: {type(exc).__name__}: {first_line(exc)} (a bug in cam-audit; rerun with "
                 f"{DEBUG_VARIABLE}=1 for the traceback)",
                 INTERNAL_ERROR,
             )

@@ -15,3 +15,9 @@ class CheckpointError(AuditError):
 
 class ModelAnatomyError(AuditError):
     """The target layer or the classifier cannot be found, or a named one does not fit."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (its type name when it has none): for one-line errors."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import psutil
 
-from audit.errors import AuditError
+from audit.errors import AuditError, first_line
 
 RUN_FILE = "run.json"
 RUN_KEYS = ("run_id", "status", "config", "model")
@@ -97,7 +97,7 @@ def read_run_info(run_dir: Path) -> dict:
     except FileNotFoundError:
         raise HistoryError(f"{run_dir} is not a run directory (no {RUN_FILE})") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise HistoryError(f"{path} is not a cam-audit run file: {_first_line(exc)}") from None
+        raise HistoryError(f"{path} is not a cam-audit run file: {first_line(exc)}") from None
     missing = [key for key in RUN_KEYS if not isinstance(info, dict) or key not in info]
     if not missing and not (isinstance(info["model"], dict) and isinstance(info["model"].get("classes"), list)):
         missing = ["model.classes"]
@@ -106,11 +106,6 @@ def read_run_info(run_dir: Path) -> dict:
     if missing:
         raise HistoryError(f"{path} is not a cam-audit run file (no {', '.join(missing)})")
     return info
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def new_lease() -> dict:

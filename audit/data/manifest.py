@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from audit.errors import AuditError
+from audit.errors import AuditError, first_line
 
 CORE_COLUMNS = ("image_id", "path", "label", "label_name", "mask_path", "group")
 BOX_COLUMNS = ("box_x0", "box_y0", "box_x1", "box_y1")
@@ -66,7 +66,7 @@ def read_table(path: Path) -> tuple[pd.DataFrame, list[str]]:
         try:
             return pd.read_parquet(path), warnings
         except Exception as exc:  # pyarrow raises several types for a damaged file
-            raise DatasetError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from exc
+            raise DatasetError(f"{path}: not a readable Parquet file ({first_line(exc)})") from exc
     try:
         try:
             frame = pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False)
@@ -74,7 +74,7 @@ def read_table(path: Path) -> tuple[pd.DataFrame, list[str]]:
             frame = pd.read_csv(path, encoding="latin-1", dtype=str, keep_default_na=False)
             warnings.append(f"{path.name} is not UTF-8; read as Latin-1")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError) as exc:
-        raise DatasetError(f"{path}: not a readable CSV file ({_first_line(exc)})") from exc
+        raise DatasetError(f"{path}: not a readable CSV file ({first_line(exc)})") from exc
     frame.columns = [str(c).strip() for c in frame.columns]
     return frame, warnings
 
@@ -154,7 +154,7 @@ def _inside(root: Path, candidate: str, what: str, where: str) -> tuple[Path | N
     try:
         resolved = resolve_inside(root, candidate)
     except (ValueError, OSError) as exc:  # a NUL byte, a name too long for the filesystem
-        return None, f"{what} {candidate[:80]!r} is not a usable file name ({_first_line(exc)})"
+        return None, f"{what} {candidate[:80]!r} is not a usable file name ({first_line(exc)})"
     if resolved is None:
         return None, f"{what} {candidate!r} is outside {where} {root}"
     return resolved, None
@@ -166,11 +166,6 @@ def with_missing_masks_as_none(manifest: pd.DataFrame) -> pd.DataFrame:
     a manifest is made and where one is read back from Parquet."""
     values = [None if missing(v) else str(v) for v in manifest["mask_path"]]
     return manifest.assign(mask_path=pd.Series(values, index=manifest.index, dtype=object))
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def missing(value: object) -> bool:

@@ -28,15 +28,9 @@ from audit.explain.guided import GUIDED, GuidedBackprop, display, guided_maps, g
 from audit.explain.methods import METHODS
 from audit.explain.metrics import upsample
 from audit.models.checkpoint import load_checkpoint, load_model
+from audit.report.figures import METHOD_TITLES
 
 LOOK_METHODS = (*METHODS, *GUIDED)
-TITLES = {
-    "cam": "CAM",
-    "gradcam": "Grad-CAM",
-    "gradcampp": "Grad-CAM++",
-    "guided-gradcam": "Guided Grad-CAM",
-    "guided-gradcampp": "Guided Grad-CAM++",
-}
 
 
 class ExplainInputError(AuditError):
@@ -176,7 +170,7 @@ def _figure(look: Look) -> Figure:
         else:
             heat = colormaps["jet"](np.clip(values, 0, 1))[..., :3]
             axes.imshow((0.5 * look.pixels / 255 + 0.5 * heat).clip(0, 1))
-        axes.set_title(TITLES[method], fontsize=9)
+        axes.set_title(METHOD_TITLES[method], fontsize=9)
     for axes in panels:
         axes.set_xticks([])
         axes.set_yticks([])

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from audit.errors import AuditError
+from audit.errors import AuditError, first_line
 
 
 class ClusterError(AuditError):
@@ -37,7 +37,7 @@ def ray_cluster(address: str | None = None) -> Iterator[None]:
             ray.init(address=address, logging_level=logging.WARNING)
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        raise ClusterError(f"cannot connect to {where}: {_first_line(exc)}") from exc
+        raise ClusterError(f"cannot connect to {where}: {first_line(exc)}") from exc
     try:
         yield
     finally:
@@ -87,8 +87,3 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as exc:
         raise ClusterError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

@@ -19,6 +19,7 @@ from PIL import Image
 from audit.data.decode import DecodeError, decode_image, decode_mask, resize_rgb
 from audit.data.manifest import BOX_COLUMNS
 from audit.data.masks import estimate_lesion_mask
+from audit.errors import first_line
 from audit.explain.engine import ExplainEngine, Explanation
 from audit.explain.evidence import NO_MASK_NOTE, evidence_kinds, gather_evidence
 from audit.explain.methods import METHODS
@@ -320,5 +321,4 @@ def _plain(value):
 
 
 def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+    return f"{type(exc).__name__}: {first_line(exc) if str(exc).strip() else ''}"[:500]
