@@ -61,6 +61,91 @@ def _folder(path: Path | None, option: str) -> None:
         raise AuditError(f"{option} {path} is a file; give a folder")
 
 
+def _classes_option(ctx, param, value: str | None):
+    from audit.models.source import parse_classes
+
+    return None if value is None else list(parse_classes(value))
+
+
+def _numbers_option(count: int, kind: type, what: str):
+    def parse(ctx, param, value: str | None):
+        if value is None:
+            return None
+        parts = [p for p in value.replace("x", ",").split(",") if p.strip()]
+        try:
+            numbers = [kind(p) for p in parts]
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: expected {what}") from None
+        if count == 2 and len(numbers) == 1:
+            numbers = numbers * 2  # one side: a square input
+        if len(numbers) != count:
+            raise click.BadParameter(f"{value!r}: expected {what}")
+        return numbers
+
+    return parse
+
+
+def model_options(command):
+    """--model SPEC (and its older name --checkpoint) with the options that complete a spec."""
+    options = [
+        click.option(
+            "--model",
+            help="a cam-audit checkpoint file, timm:NAME, torchvision:NAME or package.module:callable",
+        ),
+        click.option(
+            "--checkpoint", type=click.Path(path_type=Path), help="a cam-audit checkpoint file (the same as --model)"
+        ),
+        click.option(
+            "--weights",
+            type=click.Path(path_type=Path),
+            help="weights for a timm:, torchvision: or module spec (.safetensors, or a .pt/.pth state dict)",
+        ),
+        click.option(
+            "--classes",
+            callback=_classes_option,
+            help="the model's classes in output order: a comma list or a file of one per line "
+            "[default: the dataset's classes]",
+        ),
+        click.option(
+            "--input-size",
+            callback=_numbers_option(2, int, "a side (224) or height,width"),
+            help="model input as H,W or one side [default: the model's own configuration, else 224]",
+        ),
+        click.option(
+            "--mean",
+            callback=_numbers_option(3, float, "3 comma-separated numbers"),
+            help="input normalisation mean, R,G,B [default: the model's own, else ImageNet's]",
+        ),
+        click.option(
+            "--std",
+            callback=_numbers_option(3, float, "3 comma-separated numbers"),
+            help="input normalisation std, R,G,B [default: the model's own, else ImageNet's]",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _model_request(model: str | None, checkpoint: Path | None, weights, classes, input_size, mean, std):
+    """The ModelRequest of the model options; exactly one of --model and --checkpoint."""
+    from audit.models.source import ModelRequest
+
+    if model and checkpoint and model != str(checkpoint):
+        raise AuditError("give --model or --checkpoint, not both")
+    spec = model or (str(checkpoint) if checkpoint else None)
+    if not spec:
+        raise click.UsageError("missing option --model (or --checkpoint)")
+    return ModelRequest(
+        spec=spec,
+        weights=str(weights) if weights else None,
+        classes=tuple(classes) if classes else None,
+        input_size=tuple(input_size) if input_size else None,
+        mean=tuple(mean) if mean else None,
+        std=tuple(std) if std else None,
+    )
+
+
 @click.group(cls=AuditGroup)
 @click.version_option(__version__, prog_name="audit")
 def main() -> None:
@@ -157,7 +242,7 @@ def _typed(ctx: click.Context, not_config: tuple[str, ...]) -> dict:
         and not name.startswith("threshold_")
         and name not in not_config
     }
-    for key in ("checkpoint", "data_dir", "out", "baseline"):
+    for key in ("checkpoint", "weights", "data_dir", "out", "baseline"):
         if typed.get(key) is not None:
             typed[key] = str(typed[key])
     thresholds = _thresholds(ctx.params)
@@ -179,7 +264,7 @@ TOLERANCE = click.option(
 )
 @click.option("--dataset", type=DATASET_CHOICE)
 @click.option("--data-dir", type=click.Path(path_type=Path), help="dataset folder (for manifest: the CSV/Parquet file)")
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="cam-audit/1 checkpoint (.pt)")
+@model_options
 @click.option(
     "--out", type=click.Path(path_type=Path), help=f"runs go to OUT/NAME/<run_id>/ [default: {_default('out')}]"
 )
@@ -335,7 +420,7 @@ def report_command(
 
 @main.command("explain")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="cam-audit/1 checkpoint (.pt)")
+@model_options
 @click.option(
     "--target",
     default="pred",
@@ -352,7 +437,13 @@ def report_command(
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="folder for the pictures")
 def explain_command(
     images: tuple[Path, ...],
-    checkpoint: Path,
+    model: str | None,
+    checkpoint: Path | None,
+    weights: Path | None,
+    classes: list[str] | None,
+    input_size: list[int] | None,
+    mean: list[float] | None,
+    std: list[float] | None,
     target: str,
     methods: str | None,
     npy: bool,
@@ -368,13 +459,43 @@ def explain_command(
 
     _require_cuda(device)
     _folder(out, "--out")
-    looks = explain_images(checkpoint, list(images), target, parse_methods(methods), target_layer, device)
+    request = _model_request(model, checkpoint, weights, classes, input_size, mean, std)
+    looks = explain_images(request, list(images), target, parse_methods(methods), target_layer, device)
     for look in looks:
         click.echo(
             f"{look.path}: {look.target_name}, p = {look.probability:.3f} (predicted {look.predicted})", err=True
         )
     for path in write_looks(looks, out, npy):
         click.echo(path)
+
+
+@main.group()
+def model() -> None:
+    """See where an audit will explain a model, before running one."""
+
+
+@model.command("inspect")
+@click.argument("spec")
+@click.option("--weights", type=click.Path(path_type=Path), help="weights (default: random, enough to see the layers)")
+@click.option(
+    "--classes", callback=_classes_option, help="classes in output order: a comma list or a file of one per line"
+)
+@click.option("--input-size", callback=_numbers_option(2, int, "a side (224) or height,width"), help="H,W or one side")
+@click.option("--mean", callback=_numbers_option(3, float, "3 comma-separated numbers"), help="R,G,B")
+@click.option("--std", callback=_numbers_option(3, float, "3 comma-separated numbers"), help="R,G,B")
+@click.option("--target-layer", help="check this module instead of the automatic choice")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def model_inspect_command(spec, weights, classes, input_size, mean, std, target_layer, as_json) -> None:
+    """What an audit of SPEC will do: size, input, target layer, layout and grid, CAM, other layers.
+
+    SPEC is a cam-audit checkpoint file, timm:NAME, torchvision:NAME or package.module:callable.
+    Exits 2, with the candidate layers, where no layer can be explained.
+    """
+    from audit.models.describe import describe_model, format_description
+
+    request = _model_request(spec, None, weights, classes, input_size, mean, std)
+    found = describe_model(request, target_layer)
+    click.echo(json.dumps(found) if as_json else format_description(found))
 
 
 @main.command("compare")
@@ -444,7 +565,14 @@ def bench() -> None:
 
 
 @bench.command("engine")
-@click.option("--arch", default="resnet50", show_default=True, help="torchvision architecture (random weights).")
+@click.option(
+    "--model",
+    "--arch",
+    "arch",
+    default="resnet50",
+    show_default=True,
+    help="model spec with random weights: a torchvision name, timm:NAME, torchvision:NAME or package.module:callable",
+)
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=32))
 @click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1), help="timed repeats")
@@ -489,7 +617,14 @@ def bench_engine_command(
 
 
 @bench.command("pipeline")
-@click.option("--arch", default="resnet18", show_default=True, help="torchvision architecture (random weights)")
+@click.option(
+    "--model",
+    "--arch",
+    "arch",
+    default="resnet18",
+    show_default=True,
+    help="model spec with random weights: a torchvision name, timm:NAME or torchvision:NAME",
+)
 @click.option(
     "--images",
     default=256,
@@ -581,7 +716,7 @@ def data_synth(out: Path, images: int, height: int, width: int, shortcuts: tuple
 @main.command("train")
 @click.option("--dataset", "name", type=DATASET_CHOICE, required=True)
 @click.option("--data-dir", type=click.Path(path_type=Path), help="dataset folder (for manifest: the CSV/Parquet file)")
-@click.option("--arch", required=True, help="torchvision architecture, e.g. resnet50")
+@click.option("--arch", required=True, help="a torchvision name (resnet50, torchvision:resnet50) or timm:NAME")
 @click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=32), help="square input side")
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
@@ -590,7 +725,7 @@ def data_synth(out: Path, images: int, height: int, width: int, shortcuts: tuple
     "--weights",
     default="imagenet",
     show_default=True,
-    help="imagenet (torchvision's local cache), none (random init), or a weights file",
+    help="imagenet (torchvision's local cache), none (random init), or a weights file (.safetensors, .pt)",
 )
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="data loader processes")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -599,16 +734,17 @@ def data_synth(out: Path, images: int, height: int, width: int, shortcuts: tuple
 def train_command(
     name, data_dir, arch, image_size, epochs, batch_size, lr, weights, workers, seed, device, out
 ) -> None:
-    """Fine-tune a torchvision classifier; writes OUT (a cam-audit checkpoint) and OUT's .eval.json.
+    """Fine-tune a torchvision or timm classifier; writes OUT (a cam-audit checkpoint) and OUT's .eval.json.
 
     Splits by lesion group (no lesion on both sides), stratified by class; class-weighted loss;
     keeps the epoch with the best validation macro-F1 and evaluates it on the test split.
     """
-    from audit.models.checkpoint import classification_architectures
+    from audit.models.checkpoint import build_model, parse_arch
     from audit.models.train import TrainConfig, train_model
 
-    if arch not in classification_architectures():
-        raise AuditError(f"unknown architecture {arch!r}: expected a torchvision classification model")
+    if parse_arch(arch)[0] == "module":
+        raise AuditError(f"--arch {arch}: audit train builds torchvision or timm architectures")
+    build_model(arch, 2, (image_size, image_size))  # an unknown name fails here, before any data is read
     _require_cuda(device)
     config = TrainConfig(
         dataset=name,

@@ -31,14 +31,20 @@ MASKS = ("auto", "provided", "estimate", "none")
 EVIDENCE = ("none", "occlusion", "faithfulness", "all")
 CLUSTER_METHODS = ("consensus", "cam", "gradcam", "gradcampp")
 DEFAULT_TOLERANCE = 0.05  # `audit compare`: a rate that rose by more than this is a regression
-REQUIRED = ("dataset", "checkpoint")
-PATH_KEYS = ("checkpoint", "data_dir", "out", "baseline")
+REQUIRED = ("dataset", "model")
+PATH_KEYS = ("model", "weights", "data_dir", "out", "baseline")  # `model` only where it names a file
+ALIASES = {"checkpoint": "model"}  # the older name of the model option
 # The options that decide which rows a run computes and what is in them: the run id's hash covers
 # these (with the model's and the dataset's fingerprints), and --resume cannot change them.
 COMPUTED = (
     "dataset",
     "data_dir",
-    "checkpoint",
+    "model",
+    "weights",
+    "classes",
+    "input_size",
+    "mean",
+    "std",
     "targets",
     "limit",
     "masks",
@@ -61,6 +67,11 @@ class ConfigError(AuditError):
 class RunConfig:
     """Every option of `audit run`.
 
+    The model (:mod:`audit.models.source`): ``model`` is a spec (a cam-audit checkpoint file,
+    ``timm:NAME``, ``torchvision:NAME`` or ``package.module:callable``; ``checkpoint`` is its
+    older name); ``weights``, ``classes``, ``input_size`` ([h, w]), ``mean`` and ``std`` complete
+    a spec that is not a checkpoint file.
+
     What to compute (:data:`COMPUTED`): ``masks``: ``auto`` uses a row's mask where it has one
     and estimates the lesion elsewhere; ``provided`` uses masks only; ``estimate`` always
     estimates; ``none`` scores no localization. ``evidence``: the interventions computed
@@ -80,7 +91,12 @@ class RunConfig:
     """
 
     dataset: Literal["ham10000", "imagefolder", "manifest", "synthetic"]
-    checkpoint: str
+    model: str
+    weights: str | None = None
+    classes: list | None = None
+    input_size: list | None = None
+    mean: list | None = None
+    std: list | None = None
     data_dir: str | None = None
     out: str = "reports"
     name: str | None = None
@@ -129,6 +145,7 @@ class RunConfig:
             raise ConfigError(f"gradcampp_eps must be >= 0, got {self.gradcampp_eps}")
         if self.sanity_images < 0:
             raise ConfigError(f"sanity_images must be >= 0 (0 turns the sanity check off), got {self.sanity_images}")
+        _check_model_options(self)
         if self.gallery < 0:
             raise ConfigError(f"gallery must be >= 0, got {self.gallery}")
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
@@ -145,6 +162,19 @@ class RunConfig:
         """``name``, else the dataset's folder (or file) name, else the dataset kind."""
         return self.name or (Path(self.data_dir).stem if self.data_dir else self.dataset)
 
+    def model_request(self):
+        """The model these options name (:class:`audit.models.source.ModelRequest`)."""
+        from audit.models.source import ModelRequest
+
+        return ModelRequest(
+            spec=self.model,
+            weights=self.weights,
+            classes=tuple(self.classes) if self.classes else None,
+            input_size=tuple(self.input_size) if self.input_size else None,
+            mean=tuple(float(v) for v in self.mean) if self.mean else None,
+            std=tuple(float(v) for v in self.std) if self.std else None,
+        )
+
     @property
     def computed(self) -> dict:
         """The options that decide the computed rows."""
@@ -156,6 +186,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
         """Validated: an unknown key is an error that names it (and the closest known key)."""
+        data = with_aliases(data)
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(data) - set(known))
         if unknown:
@@ -172,11 +203,11 @@ class RunConfig:
         return spec.default_factory() if spec.default_factory is not MISSING else spec.default
 
     def updated(self, **changes) -> RunConfig:
-        return RunConfig.from_dict({**self.to_dict(), **changes})
+        return RunConfig.from_dict({**self.to_dict(), **with_aliases(changes)})
 
     def resolved(self) -> RunConfig:
         """Paths made absolute, so a run can be resumed from another working directory."""
-        return self.updated(**{key: _absolute(getattr(self, key)) for key in PATH_KEYS})
+        return self.updated(**{key: _absolute(getattr(self, key)) for key in _path_keys(self.model)})
 
 
 def read_config_file(path: Path) -> dict:
@@ -192,6 +223,7 @@ def read_config_file(path: Path) -> dict:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    data = with_aliases(data, str(path))
     known = [f.name for f in fields(RunConfig)]
     hints = _hints()
     for key, value in data.items():
@@ -201,7 +233,7 @@ def read_config_file(path: Path) -> dict:
             _check_type(key, value, hints[key])
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-    for key in PATH_KEYS:
+    for key in _path_keys(data.get("model")):
         if isinstance(data.get(key), str):
             data[key] = str((path.parent / Path(data[key]).expanduser()).resolve())
     return data
@@ -212,15 +244,54 @@ def build_config(file: Path | None, flags: dict) -> RunConfig:
     data = read_config_file(file) if file is not None else {}
     source = f"{file}: " if file is not None else ""
     thresholds = {**data.get("thresholds", {}), **flags.get("thresholds", {})}
-    merged = {**data, **flags, "thresholds": thresholds}
+    merged = {**data, **with_aliases(flags), "thresholds": thresholds}
     absent = [key for key in REQUIRED if merged.get(key) is None]
     if absent:
-        options = " and ".join(f"--{key}" for key in absent)
+        options = " and ".join(f"--{key.replace('_', '-')}" for key in absent)
         raise ConfigError(f"audit run needs {options} (or those keys in a --config file, or --resume RUN_DIR)")
     try:
         return RunConfig.from_dict(merged)
     except AuditError as exc:
         raise ConfigError(f"{source}{exc}") from None
+
+
+def with_aliases(data: dict, source: str = "") -> dict:
+    """``data`` with older option names (``checkpoint``) under their current ones (``model``)."""
+    out = dict(data)
+    for old, new in ALIASES.items():
+        if old in out:
+            value = out.pop(old)
+            if out.get(new) is not None and value is not None and out[new] != value:
+                raise ConfigError(f"{source + ': ' if source else ''}give {old} or {new}, not both")
+            out[new] = out.get(new) if value is None else value
+    return out
+
+
+def _path_keys(model: object) -> tuple[str, ...]:
+    """The options that hold paths; ``model`` is one only when it names a checkpoint file."""
+    from audit.models.source import spec_kind
+
+    if isinstance(model, str) and spec_kind(model) == "checkpoint":
+        return PATH_KEYS
+    return tuple(key for key in PATH_KEYS if key != "model")
+
+
+def _check_model_options(config: RunConfig) -> None:
+    """classes, input_size, mean and std hold what they name."""
+    classes = config.classes
+    if classes is not None and not (classes and all(isinstance(c, str) and c.strip() for c in classes)):
+        raise ConfigError(f"classes must be a non-empty list of class names, got {classes!r}")
+    if classes is not None and len(set(classes)) != len(classes):
+        raise ConfigError("classes has duplicate names")
+    size = config.input_size
+    if size is not None and not (len(size) == 2 and all(_is_instance(v, int) and v > 0 for v in size)):
+        raise ConfigError(f"input_size must be [height, width] in pixels, got {size!r}")
+    for key in ("mean", "std"):
+        value = getattr(config, key)
+        if value is not None and not (len(value) == 3 and all(_is_instance(v, float) for v in value)):
+            raise ConfigError(f"{key} must be 3 numbers (one per RGB channel), got {value!r}")
+    if config.std is not None and any(v <= 0 for v in config.std):
+        raise ConfigError(f"std must be positive, got {config.std!r}")
 
 
 @functools.cache

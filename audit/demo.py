@@ -150,7 +150,7 @@ def run_demo(out: Path, settings: DemoSettings | None = None, say: Callable[[str
     evaluation = json.loads(model.with_suffix(".eval.json").read_text())
     say("demo: auditing it (audit run on a local Ray instance)")
     run_dir = run_audit(
-        RunConfig(dataset="synthetic", data_dir=str(data_dir), checkpoint=str(model), out=str(out), name="runs"),
+        RunConfig(dataset="synthetic", data_dir=str(data_dir), model=str(model), out=str(out), name="runs"),
         Execution(progress=True),
     )
     report = build_report(run_dir)

@@ -4,7 +4,7 @@
 #   RAY_ADDRESS=http://HEAD:8265 jobs/submit.sh [CONFIG.toml] [-- extra `audit run` flags]
 #
 # The config's folder is uploaded as the job's working directory (keep it small), so the file
-# travels with the job; its paths (data_dir, checkpoint, out, baseline) must be absolute and valid
+# travels with the job; its paths (data_dir, model, weights, out, baseline) must be absolute and valid
 # on the cluster's head node, where the job's driver runs: the upload is a temporary copy. The cluster's image must have cam-audit installed. Exits
 # with the job's result: 0 when it succeeded (the audit passed its --fail-on gate), else 1.
 # Needs `pip install 'cam-audit[jobs]'` (ray[default]) where it runs.

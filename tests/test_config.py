@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from audit.cli import main, run_command
-from audit.config import COMPUTED, ConfigError, RunConfig, build_config, read_config_file
+from audit.config import ALIASES, COMPUTED, ConfigError, RunConfig, build_config, read_config_file
 from audit.pipeline.run import RunError, resume_audit
 from audit.report.thresholds import ThresholdError, Thresholds
 
@@ -29,7 +29,7 @@ def test_every_option_of_audit_run_is_a_config_key_and_back():
     options = {p.name for p in run_command.params} - NOT_CONFIG
     thresholds = {name for name in options if name.startswith("threshold_")}
     fields = set(RunConfig.__dataclass_fields__)
-    assert options - thresholds == fields - {"thresholds"}
+    assert options - thresholds - set(ALIASES) == fields - {"thresholds"}
     assert {name.removeprefix("threshold_") for name in thresholds} == set(Thresholds.__dataclass_fields__)
     assert set(COMPUTED) < fields
 
@@ -51,7 +51,7 @@ off_object_warn = 0.3
 """,
     )
     config = build_config(path, {})
-    assert config.data_dir == str(tmp_path / "data") and config.checkpoint == str(tmp_path / "models" / "model.pt")
+    assert config.data_dir == str(tmp_path / "data") and config.model == str(tmp_path / "models" / "model.pt")
     assert config.out == str(tmp_path.parent / "runs")
     assert (config.batch_size, config.targets, config.report, config.tolerance) == (8, "both", False, 0)
     assert config.thresholds == {"off_object_warn": 0.3} and config.audit_name == "data"
@@ -98,7 +98,7 @@ def test_bad_keys_and_values_are_errors_that_name_the_key(tmp_path, text, messag
 def test_a_missing_file_or_option_is_named(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         read_config_file(tmp_path / "absent.toml")
-    with pytest.raises(ConfigError, match="needs --checkpoint"):
+    with pytest.raises(ConfigError, match="needs --model"):
         build_config(_write(tmp_path, 'dataset = "synthetic"'), {})
 
 
@@ -134,16 +134,16 @@ def test_a_bad_config_is_one_line_in_a_real_process(tmp_path):
 
 def test_the_dataset_kind_and_the_default_audit_name():
     with pytest.raises(ConfigError, match="dataset must be one of 'ham10000'"):
-        RunConfig(dataset="ham", checkpoint="m.pt")
-    assert RunConfig(dataset="ham10000", checkpoint="m.pt").audit_name == "ham10000"
-    assert RunConfig(dataset="manifest", checkpoint="m.pt", data_dir="/x/skin.csv").audit_name == "skin"
-    assert RunConfig(dataset="manifest", checkpoint="m.pt", data_dir="/x/skin.csv", name="n").audit_name == "n"
+        RunConfig(dataset="ham", model="m.pt")
+    assert RunConfig(dataset="ham10000", model="m.pt").audit_name == "ham10000"
+    assert RunConfig(dataset="manifest", model="m.pt", data_dir="/x/skin.csv").audit_name == "skin"
+    assert RunConfig(dataset="manifest", model="m.pt", data_dir="/x/skin.csv", name="n").audit_name == "n"
 
 
 def test_resume_cannot_change_what_a_run_computes_or_where_it_lies(tmp_path, monkeypatch):
     from audit.errors import CheckpointError
 
-    config = RunConfig(dataset="synthetic", checkpoint=str(tmp_path / "m.pt"), out=str(tmp_path), masks="auto")
+    config = RunConfig(dataset="synthetic", model=str(tmp_path / "m.pt"), out=str(tmp_path), masks="auto")
     info = {"run_id": "r", "status": "interrupted", "config": config.to_dict(), "model": {"classes": ["a"]}}
     (tmp_path / "run.json").write_text(json.dumps(info))
     with pytest.raises(RunError, match="cannot change masks"):

@@ -4,23 +4,11 @@ Ray job on a Ray head that the test starts on this machine."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 import shlex
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-import psutil
-import pytest
 import yaml
 
 from audit.cli import run_command
@@ -70,7 +58,7 @@ def _check_rayjob_spec(spec: dict) -> None:
     assert head["volumes"][config_volume]["configMap"]["name"]
     assert (JOBS / config.name).is_file()  # the ConfigMap is made from this file
     toml = read_config_file(JOBS / config.name)
-    for key in ("data_dir", "checkpoint", "out", "baseline"):  # the config's paths lie on the head's volumes
+    for key in ("data_dir", "model", "out", "baseline"):  # the config's paths lie on the head's volumes
         assert _on_a_mount(toml[key], head["mounts"]), key
     assert "rayStartParams" in cluster["headGroupSpec"]
     workers = cluster["workerGroupSpecs"]
@@ -100,78 +88,6 @@ def test_raycronjob_manifest_schedules_the_same_job_nightly():
 
 
 # --- a real Ray job ---------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture
-def ray_head(tmp_path):
-    """A Ray head with its job server on 127.0.0.1, started by `ray start` as an operator would."""
-    bin_dir = Path(sys.executable).parent
-    env = {
-        **os.environ,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
-    }
-    dashboard = _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    head = subprocess.Popen(
-        [
-            str(bin_dir / "ray"),
-            "start",
-            "--head",
-            "--block",
-            f"--port={_free_port()}",
-            f"--ray-client-server-port={_free_port()}",
-            f"--dashboard-agent-listen-port={_free_port()}",
-            "--node-ip-address=127.0.0.1",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}",
-            "--num-cpus=2",
-            "--include-dashboard=true",
-            "--disable-usage-stats",
-            f"--temp-dir={temp_dir}",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2).close()
-            break
-        except urllib.error.HTTPError:  # it answers (asking for the token): it is up
-            break
-        except OSError:
-            assert head.poll() is None, "ray start --head exited"
-            time.sleep(1)
-    else:
-        pytest.fail("the Ray head did not come up in 120 s")
-    yield {**env, "RAY_ADDRESS": address}
-    _stop_head(head, temp_dir)
-
-
-def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
-    """SIGTERM (`ray start --block` stops what it started); a head still draining after 10 s is
-    killed, with every process that names its temporary folder."""
-    head.send_signal(signal.SIGTERM)
-    try:
-        head.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait(timeout=30)
-    for process in psutil.process_iter(["cmdline"]):
-        if any(temp_dir in part for part in process.info["cmdline"] or []):
-            process.kill()
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _hand_made_run(history: Path, run_id: str) -> Path:

@@ -74,9 +74,7 @@ def checkpoint(tmp_path_factory):
 
 def _config(dataset_dir, checkpoint, out, **changes):
     settings = {"targets": "both", "batch_size": 4, "sanity_images": 0, **changes}  # the check: `finished` only
-    return RunConfig(
-        dataset="synthetic", data_dir=str(dataset_dir), checkpoint=str(checkpoint), out=str(out), **settings
-    )
+    return RunConfig(dataset="synthetic", data_dir=str(dataset_dir), model=str(checkpoint), out=str(out), **settings)
 
 
 def _assert_each_key_once(rows: pd.DataFrame) -> None:
@@ -324,7 +322,7 @@ def test_cli_reports_an_unreachable_cluster_and_missing_options(dataset_dir, che
     assert not list(tmp_path.iterdir())  # nothing written
     base = [sys.executable, "-m", "audit.cli", "run"]
     missing = subprocess.run([*base, "--dataset", "synthetic"], capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and "needs --checkpoint" in missing.stderr
+    assert missing.returncode == 2 and "needs --model" in missing.stderr
 
 
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGKILL"])
@@ -467,7 +465,7 @@ def test_manifest_with_boxes_gets_loc_delta(ray_session, dataset_dir, checkpoint
     config = RunConfig(
         dataset="manifest",
         data_dir=str(dataset_dir / "boxes.csv"),
-        checkpoint=str(checkpoint),
+        model=str(checkpoint),
         out=str(tmp_path),
         masks="none",
     )
@@ -510,8 +508,11 @@ def test_report_without_the_runs_checkpoint_says_why_there_are_no_guided_maps(fi
     run_dir = tmp_path / finished.name
     shutil.copytree(finished, run_dir)
     info = json.loads((run_dir / "run.json").read_text())
-    info["model"]["checkpoint"] = str(tmp_path / "moved.pt")
+    info["config"]["model"] = str(tmp_path / "moved.pt")
     (run_dir / "run.json").write_text(json.dumps(info))
     html = build_report(run_dir).html_path.read_text()
     assert "Guided Grad-CAM++</figcaption>" not in html
-    assert f"No Guided Grad-CAM maps: the run&#39;s checkpoint is not at {tmp_path / 'moved.pt'}." in html
+    assert (
+        f"No Guided Grad-CAM maps: the run&#39;s model cannot be loaded: checkpoint not found: {tmp_path / 'moved.pt'}"
+        in html
+    )

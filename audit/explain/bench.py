@@ -1,6 +1,7 @@
 """``audit bench engine``: what explaining costs, against a plain forward and against the peers.
 
-In one process, on one random batch and one random-init model, each repeat times in turn:
+In one process, on one random batch and one random-init model (any model spec: a torchvision,
+timm or module architecture, built at the benchmark's input size), each repeat times in turn:
 a plain no-grad forward; our three-method pass; the evidence by intervention for that pass
 (occlusion counterfactuals with a central object mask, and the faithfulness measures: six
 batched forwards of the batch); and, when installed, pytorch-grad-cam's
@@ -25,7 +26,7 @@ from torch import nn
 
 from audit.explain.engine import ExplainEngine
 from audit.explain.evidence import gather_evidence
-from audit.models.checkpoint import build_model
+from audit.models.source import ModelRequest, resolve_model
 
 
 @dataclass
@@ -71,7 +72,9 @@ def bench_engine(
     """Time a plain forward, our pass and (optionally) the peers; return the medians."""
     torch.manual_seed(seed)
     target_device = torch.device(device)
-    model = build_model(arch, num_classes=7).eval().to(target_device)
+    spec = arch if ":" in arch else f"torchvision:{arch}"  # a bare name is torchvision's, as in checkpoints
+    request = ModelRequest(spec, classes=tuple(f"class{i}" for i in range(7)), input_size=(image_size, image_size))
+    model = resolve_model(request).model.to(target_device)
     images = torch.randn(batch_size, 3, image_size, image_size, device=target_device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -131,10 +134,12 @@ def _peer_contenders(model: nn.Module, engine: ExplainEngine, images: torch.Tens
 
     layer_name = engine.anatomy.target_layer
     layer = dict(model.named_modules())[layer_name]
+    layout = engine.anatomy.layout
+    reshape = None if layout.kind == "nchw" else layout.to_nchw  # its reshape_transform for tokens, NHWC
 
     def pytorch_grad_cam(cls: type) -> Callable[[], object]:
         def run() -> object:
-            with cls(model=model, target_layers=[layer]) as cam:
+            with cls(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
                 return cam(images, targets=None)
 
         return run
@@ -144,7 +149,7 @@ def _peer_contenders(model: nn.Module, engine: ExplainEngine, images: torch.Tens
         "pytorch-grad-cam GradCAMPlusPlus": pytorch_grad_cam(GradCAMPlusPlus),
     }
     head = engine.anatomy.cam_head
-    if head is not None:
+    if head is not None and layout.kind == "nchw":  # torchcam reads (N, C, H, W) maps only
 
         def torchcam_cam() -> object:
             with CAM(model, target_layer=layer_name, fc_layer=head.name) as extractor, torch.no_grad():

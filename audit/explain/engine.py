@@ -54,6 +54,11 @@ class ExplainEngine:
             1e-6 reproduces pytorch-grad-cam).
         autocast_dtype: run the forward under ``torch.autocast`` with this dtype (e.g.
             bfloat16 on a GPU); maps are always computed in float32.
+        anatomy: the model's anatomy when it is known already (skips the probe pass).
+
+    The target layer's output may be channels-first, channels-last or a token sequence
+    (:class:`audit.models.anatomy.FeatureLayout`); activations and gradients are read as
+    (N, C, h, w) before the methods see them, as pytorch-grad-cam's ``reshape_transform`` does.
     """
 
     def __init__(
@@ -64,10 +69,11 @@ class ExplainEngine:
         classifier: str | None = None,
         gradcampp_eps: float = 0.0,
         autocast_dtype: torch.dtype | None = None,
+        anatomy: Anatomy | None = None,
     ) -> None:
         self.model = model.eval()
         self.input_size = input_size
-        self.anatomy: Anatomy = inspect_model(model, input_size, target_layer, classifier)
+        self.anatomy: Anatomy = anatomy or inspect_model(model, input_size, target_layer, classifier)
         self.settings = {"classifier": classifier, "gradcampp_eps": gradcampp_eps, "autocast_dtype": autocast_dtype}
         self.target_module = dict(model.named_modules())[self.anatomy.target_layer]
         self.autocast_dtype = autocast_dtype
@@ -78,7 +84,9 @@ class ExplainEngine:
     def like(self, model: nn.Module) -> ExplainEngine:
         """An engine with these settings, at this target layer, on another model of the same
         architecture (a copy whose parameters were re-initialised, for the sanity check)."""
-        return ExplainEngine(model, self.input_size, self.anatomy.target_layer, **self.settings)
+        return ExplainEngine(
+            model, self.input_size, self.anatomy.target_layer, anatomy=self.anatomy.on(model), **self.settings
+        )
 
     @property
     def device(self) -> torch.device:
@@ -103,8 +111,11 @@ class ExplainEngine:
                 score = logits.float().gather(1, targets[:, None]).sum()
                 last = index == len(target_sets) - 1
                 (gradients,) = torch.autograd.grad(score, activations, retain_graph=not last)
+            to_nchw = self.anatomy.layout.to_nchw
             explanations.append(
-                self._explanation(logits.detach().float(), targets, activations.detach().float(), gradients.float())
+                self._explanation(
+                    logits.detach().float(), targets, to_nchw(activations.detach()).float(), to_nchw(gradients).float()
+                )
             )
         return explanations
 

@@ -27,7 +27,7 @@ from audit.explain.engine import ExplainEngine
 from audit.explain.guided import GUIDED, GuidedBackprop, display, guided_maps, guided_note
 from audit.explain.methods import METHODS
 from audit.explain.metrics import upsample
-from audit.models.checkpoint import load_checkpoint, load_model
+from audit.models.source import ModelRequest, resolve_model
 from audit.report.figures import METHOD_TITLES
 
 LOOK_METHODS = (*METHODS, *GUIDED)
@@ -83,20 +83,21 @@ def resolve_target(spec: str, classes: tuple[str, ...], path: Path) -> tuple[int
 
 
 def explain_images(
-    checkpoint_path: Path,
+    request: ModelRequest,
     paths: list[Path],
     target: str = "pred",
     methods: tuple[str, ...] | None = None,
     target_layer: str | None = None,
     device: str | None = None,
 ) -> list[Look]:
-    """Explain ``paths`` with ``methods`` (default: all the model has); raises before any compute on bad input."""
-    checkpoint = load_checkpoint(checkpoint_path)
+    """Explain ``paths`` with ``methods`` (default: all the model has) by the model ``request`` names;
+    raises before any compute on bad input."""
+    resolved = resolve_model(request)
+    checkpoint, model = resolved.checkpoint, resolved.model
     paths = [Path(p) for p in paths]
     _unique_stems(paths)
     pixels = np.stack([_load(path, checkpoint.input_size) for path in paths])
     targets = [resolve_target(target, checkpoint.classes, path) for path in paths]
-    model = load_model(checkpoint)
     chosen = _available(model, methods)
     run_on = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(run_on)

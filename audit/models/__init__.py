@@ -1,6 +1,6 @@
 """Build torchvision classifiers, load checkpoints safely, find the target layer and the CAM head."""
 
-from audit.models.anatomy import Anatomy, CamHead, find_cam_head, find_target_layer, inspect_model
+from audit.models.anatomy import Anatomy, CamHead, FeatureLayout, find_cam_head, inspect_model
 from audit.models.checkpoint import (
     CHECKPOINT_FORMAT,
     Checkpoint,
@@ -15,11 +15,11 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "Anatomy",
     "CamHead",
+    "FeatureLayout",
     "Checkpoint",
     "build_model",
     "classification_architectures",
     "find_cam_head",
-    "find_target_layer",
     "inspect_model",
     "load_checkpoint",
     "load_model",

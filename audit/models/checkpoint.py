@@ -1,13 +1,15 @@
 """The checkpoint contract (``cam-audit/1``) and the torchvision models it names.
 
 A checkpoint is one file that ``torch.load(weights_only=True)`` can read: a dict of plain
-values and tensors, never a pickled object. Keys: ``format``, ``arch`` (a torchvision
-classification model name), ``classes`` (list of str), ``input_size`` ([h, w]),
+values and tensors, never a pickled object. Keys: ``format``, ``arch`` (a model spec:
+``timm:NAME``, ``torchvision:NAME``, ``package.module:callable``, or a bare torchvision
+classification model name as older checkpoints hold), ``classes`` (list of str), ``input_size`` ([h, w]),
 ``mean`` and ``std`` (3 floats each) and ``state_dict``.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import io
 import pickle
@@ -21,7 +23,7 @@ import torch
 import torchvision
 from torch import nn
 
-from audit.errors import CheckpointError
+from audit.errors import CheckpointError, first_line
 
 CHECKPOINT_FORMAT = "cam-audit/1"
 _REQUIRED_KEYS = ("format", "arch", "classes", "input_size", "mean", "std", "state_dict")
@@ -60,16 +62,76 @@ def classification_architectures() -> frozenset[str]:
     return frozenset(torchvision.models.list_models(module=torchvision.models))
 
 
-def build_model(arch: str, num_classes: int) -> nn.Module:
-    """A randomly initialised torchvision classifier ``arch`` with ``num_classes`` outputs."""
-    if arch not in classification_architectures():
-        raise CheckpointError(
-            f"unknown architecture {arch!r}: expected a torchvision classification model "
-            f"such as resnet50, densenet121 or efficientnet_b0"
-        )
-    if num_classes < 1:
+def parse_arch(arch: str) -> tuple[str, str]:
+    """``(kind, name)`` of a checkpoint's ``arch``: ``timm``, ``torchvision`` or ``module``."""
+    kind, sep, name = arch.partition(":")
+    if sep and kind in ("timm", "torchvision"):
+        return kind, name
+    if sep:
+        return "module", arch
+    return "torchvision", arch
+
+
+def build_model(arch: str, num_classes: int | None, input_size: tuple[int, int] | None = None) -> nn.Module:
+    """The architecture ``arch`` names with ``num_classes`` outputs (its default when None) and
+    random weights. A module spec's callable decides its own outputs. ``input_size`` reaches the
+    architectures that fix it at construction (ViTs)."""
+    kind, name = parse_arch(arch)
+    if num_classes is not None and num_classes < 1:
         raise CheckpointError(f"a classifier needs at least one class, got {num_classes}")
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    if kind == "timm":
+        return _timm_model(name, num_classes, input_size)
+    if kind == "module":
+        return _module_model(name)
+    return _torchvision_model(name, num_classes, input_size)
+
+
+def _torchvision_model(name: str, num_classes: int | None, input_size: tuple[int, int] | None) -> nn.Module:
+    if name not in classification_architectures():
+        close = difflib.get_close_matches(name, sorted(classification_architectures()), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else " such as resnet50, densenet121 or efficientnet_b0"
+        raise CheckpointError(f"unknown architecture {name!r}: expected a torchvision classification model{hint}")
+    kwargs: dict = {} if num_classes is None else {"num_classes": num_classes}
+    if name.startswith("vit_") and input_size is not None:
+        kwargs["image_size"] = input_size[0]  # torchvision's ViT fixes its (square) input at construction
+    try:
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    except (AssertionError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"cannot build torchvision:{name}: {first_line(exc)}") from exc
+
+
+def _timm_model(name: str, num_classes: int | None, input_size: tuple[int, int] | None) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise CheckpointError(f"unknown timm model {name!r}{hint}")
+    kwargs: dict = {} if num_classes is None else {"num_classes": num_classes}
+    default = timm.get_pretrained_cfg(name)
+    default_size = tuple(getattr(default, "input_size", (3, 224, 224))[1:]) if default else (224, 224)
+    try:
+        if input_size is not None and tuple(input_size) != default_size:
+            try:  # transformers fix their patch grid at construction; CNNs take any size
+                return timm.create_model(name, pretrained=False, img_size=tuple(input_size), **kwargs)
+            except TypeError:
+                pass
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - timm raises many kinds for a bad configuration
+        raise CheckpointError(f"cannot build timm:{name}: {first_line(exc)}") from exc
+
+
+def _module_model(spec: str) -> nn.Module:
+    from audit.models.source import import_factory
+
+    factory = import_factory(spec)
+    try:
+        model = factory()
+    except Exception as exc:  # noqa: BLE001 - the team's code may fail in any way
+        raise CheckpointError(f"{spec}() failed: {first_line(exc)}") from exc
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"{spec}() returned a {type(model).__name__}, not a torch nn.Module")
+    return model
 
 
 def save_checkpoint(
@@ -83,7 +145,7 @@ def save_checkpoint(
     std: Sequence[float],
 ) -> Checkpoint:
     """Write ``model`` as a cam-audit checkpoint and return what was written."""
-    checkpoint = _validated(
+    checkpoint = validated_checkpoint(
         {
             "format": CHECKPOINT_FORMAT,
             "arch": arch,
@@ -106,7 +168,7 @@ def save_random_checkpoint(
 ) -> Checkpoint:
     """A randomly initialised ``arch`` saved as a checkpoint (benchmarks and tests: no weights needed)."""
     torch.manual_seed(seed)
-    model = build_model(arch, len(classes))
+    model = build_model(arch, len(classes), input_size)
     return save_checkpoint(
         path, model, arch=arch, classes=classes, input_size=input_size, mean=(0.5,) * 3, std=(0.25,) * 3
     )
@@ -138,12 +200,12 @@ def _read(file: Path | io.BytesIO, source: str) -> Checkpoint:
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{source}: not a readable torch checkpoint ({exc})") from exc
-    return _validated(raw, source=source)
+    return validated_checkpoint(raw, source=source)
 
 
 def load_model(checkpoint: Checkpoint) -> nn.Module:
     """Rebuild the checkpoint's model with its weights, in eval mode."""
-    model = build_model(checkpoint.arch, checkpoint.num_classes)
+    model = build_model(checkpoint.arch, checkpoint.num_classes, checkpoint.input_size)
     try:
         model.load_state_dict(checkpoint.state_dict, strict=True)
     except RuntimeError as exc:
@@ -180,7 +242,8 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _validated(raw: object, source: str) -> Checkpoint:
+def validated_checkpoint(raw: object, source: str) -> Checkpoint:
+    """``raw`` as a Checkpoint, or a CheckpointError naming what is wrong."""
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"{source}: expected a dict in the {CHECKPOINT_FORMAT} format, got {type(raw).__name__}")
     missing = [key for key in _REQUIRED_KEYS if key not in raw]
@@ -195,7 +258,7 @@ def _validated(raw: object, source: str) -> Checkpoint:
     if len(set(classes)) != len(classes):
         raise CheckpointError(f"{source}: 'classes' has duplicate names")
     if not isinstance(raw["arch"], str):
-        raise CheckpointError(f"{source}: 'arch' must be a torchvision model name")
+        raise CheckpointError(f"{source}: 'arch' must be a model spec such as resnet50 or timm:efficientnet_b0")
     return Checkpoint(
         arch=raw["arch"],
         classes=tuple(classes),

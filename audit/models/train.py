@@ -38,8 +38,9 @@ from torchvision.transforms import v2
 
 from audit.data import load_dataset
 from audit.data.decode import DecodeError, decode_image, image_size
-from audit.errors import AuditError
+from audit.errors import AuditError, CheckpointError
 from audit.models.checkpoint import build_model, save_checkpoint
+from audit.models.source import read_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -157,9 +158,19 @@ def imagenet_weights_file(arch: str) -> Path:
 
 
 def load_pretrained(model: nn.Module, weights: str, arch: str) -> str:
-    """Load ``weights`` (imagenet|none|PATH) into ``model`` but for its new classifier; say what was done."""
+    """Load ``weights`` (imagenet|none|PATH) into ``model`` but for its new classifier; say what was done.
+
+    A file may be ``.safetensors`` or a torch state dict (:func:`audit.models.source.read_weights`).
+    ``imagenet`` is torchvision's cached download; timm's pretrained weights live on the Hugging
+    Face hub, so a ``timm:`` arch takes them as a file."""
     if weights == "none":
         return "random initialisation"
+    if weights == "imagenet" and arch.startswith("timm:"):
+        raise TrainError(
+            f"timm's ImageNet weights for {arch} come from the Hugging Face hub: download the model's "
+            "model.safetensors on a machine with internet and pass --weights FILE, or --weights none for random init"
+        )
+    arch = arch.removeprefix("torchvision:")
     path = imagenet_weights_file(arch) if weights == "imagenet" else Path(weights)
     if not path.is_file():
         if weights == "imagenet":
@@ -171,10 +182,9 @@ def load_pretrained(model: nn.Module, weights: str, arch: str) -> str:
             )
         raise TrainError(f"weights file not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is one message
-        raise TrainError(f"cannot read weights {path}: {exc}") from exc
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
+        state = read_weights(path)
+    except CheckpointError as exc:
+        raise TrainError(f"cannot read weights {exc}") from exc
     own = model.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     left_out = [k for k in own if k not in fitting and not k.endswith("num_batches_tracked")]
@@ -222,10 +232,10 @@ def train_model(config: TrainConfig, progress: Callable[[str], None] | None = No
         raise TrainError(f"{len(manifest)} images cannot be split into train, val and test by group")
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
-    model = build_model(config.arch, len(classes))
+    size = (config.image_size, config.image_size)
+    model = build_model(config.arch, len(classes), size)
     origin = load_pretrained(model, config.weights, config.arch)
     model = model.to(device, memory_format=torch.channels_last if on_gpu else torch.contiguous_format)
-    size = (config.image_size, config.image_size)
     loaders = _loaders(manifest, size, config)
     say(
         f"train: {config.arch} at {size[0]}x{size[1]} from {origin}; "

@@ -65,7 +65,7 @@ def bench_pipeline(
             return RunConfig(
                 dataset="synthetic",
                 data_dir=str(data),
-                checkpoint=str(checkpoint),
+                model=str(checkpoint),
                 out=str(root / "runs"),
                 batch_size=batch_size,
                 **changes,

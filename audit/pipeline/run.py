@@ -40,10 +40,11 @@ from audit import history
 from audit.config import COMPUTED, RunConfig
 from audit.data import load_dataset
 from audit.data.manifest import BOX_COLUMNS, Dataset, with_missing_masks_as_none
-from audit.errors import AuditError, CheckpointError
+from audit.errors import AuditError
 from audit.explain.sanity import SANITY_FILE
 from audit.models.anatomy import inspect_model
-from audit.models.checkpoint import Checkpoint, checkpoint_from_bytes, load_model
+from audit.models.checkpoint import Checkpoint
+from audit.models.source import ResolvedModel, module_root, resolve_model
 from audit.pipeline.cluster import check_reachable, plan_resources, ray_cluster
 from audit.pipeline.schema import KEY, explanation_schema, to_table
 from audit.pipeline.stages import Explainer, decode_batch, one_line
@@ -119,25 +120,31 @@ def resume_audit(run_dir: Path, execution: Execution = Execution(), changes: dic
             raise RunError(f"--resume finishes a run as it started; it cannot change {', '.join(fixed)}")
         config = wanted
         info["config"] = config.to_dict()
-    data, checkpoint, sha = _read_checkpoint(config.checkpoint)
-    if sha != info["model"].get("sha256"):
-        raise RunError(f"{config.checkpoint} changed since run {info['run_id']} started; start a new run instead")
+    model = resolve_run_model(config, info)
     manifest = with_missing_masks_as_none(pd.read_parquet(run_dir / MANIFEST_FILE))
     schema = pq.read_schema(run_dir / "schema.parquet")
-    state = RunState(run_dir, config, data, checkpoint, schema, manifest, info)
+    state = RunState(run_dir, config, model.data, model.checkpoint, schema, manifest, info)
     return _execute(state, execution)
 
 
-def _read_checkpoint(path: str) -> tuple[bytes, Checkpoint, str]:
-    if not Path(path).is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    data = Path(path).read_bytes()
-    return data, checkpoint_from_bytes(data, source=path), hashlib.sha256(data).hexdigest()
+def resolve_run_model(config: RunConfig, info: dict) -> ResolvedModel:
+    """The model of a run, resolved again: the same spec and options, the classes it resolved;
+    an error when its weights changed since the run started (run.json's sha256)."""
+    model = resolve_model(config.model_request(), info["model"].get("classes"))
+    if model.sha256 != info["model"].get("sha256"):
+        raise RunError(f"{config.model} changed since run {info['run_id']} started; start a new run instead")
+    return model
 
 
 def _prepare(config: RunConfig) -> RunState:
-    data, checkpoint, model_sha = _read_checkpoint(config.checkpoint)
-    dataset = load_dataset(config.dataset, config.data_dir, classes=checkpoint.classes)
+    request = config.model_request()
+    if request.kind == "checkpoint" or request.classes:
+        model = resolve_model(request)
+        dataset = load_dataset(config.dataset, config.data_dir, classes=model.checkpoint.classes)
+    else:  # the model's outputs are the dataset's classes, in order
+        dataset = load_dataset(config.dataset, config.data_dir)
+        model = resolve_model(request, dataset.classes)
+    checkpoint, model_sha = model.checkpoint, model.sha256
     manifest, rejected = _against_model(dataset, checkpoint)
     if config.limit is not None:
         cutoff = manifest["source_row"].iloc[min(config.limit, len(manifest)) - 1] if len(manifest) else -1
@@ -146,7 +153,7 @@ def _prepare(config: RunConfig) -> RunState:
     if manifest.empty:
         raise RunError(f"no image of dataset {config.dataset} can be explained by this model")
     fingerprint = _fingerprint(manifest, rejected)
-    anatomy = inspect_model(load_model(checkpoint), checkpoint.input_size, config.target_layer, config.classifier)
+    anatomy = inspect_model(model.model, checkpoint.input_size, config.target_layer, config.classifier)
     started = datetime.now(timezone.utc)
     digest = hashlib.sha256(json.dumps([config.computed, model_sha, fingerprint]).encode()).hexdigest()[:8]
     run_dir = history.create_run_dir(Path(config.out) / config.audit_name, history.run_id(started, digest))
@@ -166,12 +173,11 @@ def _prepare(config: RunConfig) -> RunState:
         "config": config.to_dict(),
         "versions": _versions(),
         "model": {
-            "checkpoint": config.checkpoint,
-            "sha256": model_sha,
-            "arch": checkpoint.arch,
-            "classes": list(checkpoint.classes),
-            "input_size": list(checkpoint.input_size),
+            **model.info(),
+            "parameters": sum(p.numel() for p in model.model.parameters()),
             "target_layer": anatomy.target_layer,
+            "layout": anatomy.layout.kind,
+            "prefix_tokens": anatomy.layout.prefix_tokens,
             "feature_shape": list(anatomy.feature_shape),
             "cam_head": anatomy.cam_head.name if anatomy.cam_head else None,
             "cam_note": anatomy.cam_note,
@@ -190,7 +196,7 @@ def _prepare(config: RunConfig) -> RunState:
         "attempts": [],
     }
     _write_info(run_dir, info)
-    return RunState(run_dir, config, data, checkpoint, schema, manifest, info)
+    return RunState(run_dir, config, model.data, checkpoint, schema, manifest, info)
 
 
 def _execute(state: RunState, execution: Execution) -> Path:
@@ -269,11 +275,20 @@ def _run_pass(
         compute=ActorPoolStrategy(size=plan.actors),
         num_cpus=plan.cpus_per_actor,
         num_gpus=plan.gpus_per_actor or None,
+        **_with_model_code(state.config),
     )
     for table in explained.iter_batches(batch_size=None, batch_format="pyarrow"):
         if table.num_rows:
             write_batch(table, state.run_dir / OUTPUT_DIR)
             progress.advance(table.num_rows)
+
+
+def _with_model_code(config: RunConfig) -> dict:
+    """Ray options that ship the team's model code (a ``package.module:callable`` spec) to every
+    worker that builds the model: the package's folder (or the module's file) as a ``py_modules``
+    entry of the task's runtime_env, so workers need not have it on their path."""
+    root = module_root(config.model)
+    return {"runtime_env": {"py_modules": [root]}} if root else {}
 
 
 def sanity_sample(manifest: pd.DataFrame, size: int) -> pd.DataFrame:
@@ -294,7 +309,10 @@ def _run_sanity(state: RunState, plan, checkpoint_ref) -> float:
     sample = sanity_sample(state.manifest, state.config.sanity_images)
     rows = {column: sample[column].to_numpy() for column in ("image_id", "path", "mask_path")}
     task = ray.remote(sanity_task).options(
-        num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None, max_retries=1
+        num_cpus=plan.cpus_per_actor,
+        num_gpus=plan.gpus_per_actor or None,
+        max_retries=1,
+        **_with_model_code(state.config),
     )
     try:
         result = ray.get(task.remote([checkpoint_ref], state.config.to_dict(), rows, plan.torch_threads))

@@ -1,17 +1,14 @@
 """Guided Grad-CAM and Guided Grad-CAM++ for the report's gallery images only.
 
 They need the model (a full backward per image), which the report stage otherwise never loads:
-the run's checkpoint is read from the path run.json names and used only when its sha256 is the
-run's. The images are preprocessed as the run did (resize without cropping, the checkpoint's
+the run's model is resolved again from run.json's model options and used only when its sha256
+is the run's. The images are preprocessed as the run did (resize without cropping, the checkpoint's
 normalisation) and explained for the row's own target at the run's target layer. Where the model
 cannot be had (moved, changed, no ReLU to guide), the gallery shows the coarse maps and the report
 says why.
 """
 
 from __future__ import annotations
-
-import hashlib
-from pathlib import Path
 
 import numpy as np
 
@@ -22,20 +19,18 @@ CHUNK = 16
 
 def load_run_model(info: dict):
     """``(checkpoint, model)`` of a run, or ``(None, reason)`` when it cannot be used."""
-    from audit.models.checkpoint import checkpoint_from_bytes, load_model
+    from audit.config import RunConfig
+    from audit.models.source import resolve_model
 
     model_info = info.get("model", {})
-    path = model_info.get("checkpoint")
-    if not path or not Path(path).is_file():
-        return None, f"the run's checkpoint is not at {path}"
-    data = Path(path).read_bytes()
-    if hashlib.sha256(data).hexdigest() != model_info.get("sha256"):
-        return None, f"{path} changed since the run (sha256 differs)"
     try:
-        checkpoint = checkpoint_from_bytes(data, source=path)
-        return checkpoint, load_model(checkpoint)
+        config = RunConfig.from_dict(info.get("config", {}))
+        resolved = resolve_model(config.model_request(), model_info.get("classes"))
     except AuditError as exc:
-        return None, str(exc)
+        return None, f"the run's model cannot be loaded: {exc}"
+    if resolved.sha256 != model_info.get("sha256"):
+        return None, f"{config.model} changed since the run (sha256 differs)"
+    return resolved.checkpoint, resolved.model
 
 
 def gallery_guided(info: dict, images: list[np.ndarray], targets: list[int]) -> tuple[dict[str, list], str | None]:
