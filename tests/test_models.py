@@ -151,7 +151,8 @@ def test_classifier_override_must_be_linear():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"), [({"target_layer": "layer9"}, "no module"), ({"target_layer": "fc"}, "outputs a 2x5 tensor, not a feature map")]
+    ("kwargs", "message"),
+    [({"target_layer": "layer9"}, "no module"), ({"target_layer": "fc"}, "outputs a 2x5 tensor, not a feature map")],
 )
 def test_bad_overrides(kwargs, message):
     with pytest.raises(ModelAnatomyError, match=message):
