@@ -66,14 +66,33 @@ def gradcam_reference(activations: np.ndarray, grads: np.ndarray) -> np.ndarray:
     return relu_minmax(np.einsum("nk,nkhw->nhw", weights, activations))
 
 
-def pytorch_grad_cam(method: str, model: nn.Module, layer: str, images: torch.Tensor, targets: list[int]):
-    """pytorch-grad-cam's maps at the layer's native resolution (its resize step skipped)."""
+def pytorch_grad_cam(
+    method: str, model: nn.Module, layer: str, images: torch.Tensor, targets: list[int], reshape_transform=None
+):
+    """pytorch-grad-cam's maps at the layer's native resolution (its resize step skipped); a
+    ``reshape_transform`` reads a token or channels-last layer as (N, C, h, w), as its ViT guide does."""
     cls = {"gradcam": PgcGradCAM, "gradcampp": PgcGradCAMPlusPlus}[method]
-    with cls(model=model, target_layers=[dict(model.named_modules())[layer]]) as cam:
+    target_layers = [dict(model.named_modules())[layer]]
+    with cls(model=model, target_layers=target_layers, reshape_transform=reshape_transform) as cam:
         cam.get_target_width_height = lambda _input: None
         with torch.enable_grad():
             maps = cam(images, targets=[ClassifierOutputTarget(t) for t in targets])
     return relu_minmax(maps)
+
+
+def vit_reshape_transform(height: int, width: int, prefix: int = 1):
+    """pytorch-grad-cam's ViT recipe: drop the class token(s), put the patch tokens on their grid."""
+
+    def reshape(tensor: torch.Tensor) -> torch.Tensor:
+        result = tensor[:, prefix:, :].reshape(tensor.size(0), height, width, tensor.size(2))
+        return result.transpose(2, 3).transpose(1, 2)
+
+    return reshape
+
+
+def swin_reshape_transform(tensor: torch.Tensor) -> torch.Tensor:
+    """pytorch-grad-cam's recipe for a channels-last (N, H, W, C) Swin output."""
+    return tensor.permute(0, 3, 1, 2)
 
 
 def torchcam_gradcam(model: nn.Module, layer: str, images: torch.Tensor, targets: list[int]) -> np.ndarray:

@@ -171,7 +171,7 @@ RESUMES = [
     (
         "run.json with a bad config",
         b'{"run_id": "x", "status": "interrupted", "config": {"dataset": 3}, "model": {"classes": []}}',
-        "is not a cam-audit run file: missing option: checkpoint",
+        "is not a cam-audit run file: missing option: model",
     ),
 ]
 

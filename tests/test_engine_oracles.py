@@ -97,6 +97,34 @@ def test_gradcampp_matches_eq19_and_pytorch_grad_cam_with_its_eps(case, kind):
     assert _max_diff(ours_exact.maps["gradcampp"], peer) > 1e-3
 
 
+# Transformers at 64x64, random weights: (timm name, build options, reshape transform as the peer's guides write it)
+TRANSFORMERS = [
+    ("vit_tiny_patch16_224", {"img_size": 64}, oracles.vit_reshape_transform(4, 4)),
+    ("deit_tiny_distilled_patch16_224", {"img_size": 64}, oracles.vit_reshape_transform(4, 4, prefix=2)),
+    ("swin_tiny_patch4_window7_224", {"img_size": 64, "window_size": 4}, oracles.swin_reshape_transform),
+]
+
+
+@pytest.mark.parametrize(("name", "options", "reshape"), TRANSFORMERS, ids=[t[0] for t in TRANSFORMERS])
+@pytest.mark.parametrize("kind", ["pred", "other"])
+def test_transformer_maps_match_pytorch_grad_cam_with_its_reshape_transform(name, options, reshape, kind):
+    """At the layer cam-audit chooses, Grad-CAM and Grad-CAM++ (eps 1e-6) on patch tokens and on a
+    channels-last Swin output equal pytorch-grad-cam's with the reshape_transform of its guides."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=5, **options).eval()
+    images = random_images(2, 64)
+    engine = ExplainEngine(model, (64, 64), gradcampp_eps=1e-6)
+    result = engine(images, _targets(engine, images, kind))
+    layer, targets = engine.anatomy.target_layer, result.targets.tolist()
+    assert result.maps["gradcam"].shape == (2, *engine.anatomy.layout.grid)
+    for method in ("gradcam", "gradcampp"):
+        peer = oracles.pytorch_grad_cam(method, model, layer, images, targets, reshape_transform=reshape)
+        assert _max_diff(result.maps[method], peer) < TOL
+        assert not result.empty[method].any()
+
+
 def test_non_predicted_targets_have_mixed_sign_maps():
     """The ReLU is exercised: raw Grad-CAM maps of a non-predicted class have both signs."""
     model = random_model("resnet18")

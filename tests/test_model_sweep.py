@@ -69,7 +69,14 @@ TIMM_REFUSED = {"crossvit_tiny_240": "two branches of token streams on different
 
 
 def _explain_once(model: nn.Module, size: tuple[int, int], anatomy) -> None:
-    """The engine's maps are on the anatomy's grid, finite, and not all empty."""
+    """The engine's maps are on the anatomy's grid, finite, and not all empty.
+
+    Zero-initialised weights (torchvision's ViT head, LeViT's) pass no gradient; a trained model
+    has none, so they are given small random values first."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim >= 2 and not parameter.any():
+                parameter.normal_(0, 0.02)
     engine = ExplainEngine(model, size, anatomy=anatomy)
     explained = engine(torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(3)))
     maps = {m: v for m, v in explained.maps.items() if v is not None}
@@ -131,7 +138,8 @@ def test_timm_architectures_across_families_are_explained_in_their_last_stage(na
     layout = anatomy.layout
     stride = model.feature_info[-1]["reduction"]
     assert layout.kind == expected_layout
-    assert all(abs(cells - side / stride) <= 1 for cells in layout.grid), (layout.grid, side / stride)
+    # within what convolutions without padding cut off (Inception: 8x8 at 299 / 32 = 9.3)
+    assert all(abs(cells - side / stride) <= 1.5 for cells in layout.grid), (layout.grid, side / stride)
     if layout.kind == "tokens":
         assert layout.prefix_tokens == getattr(model, "num_prefix_tokens", layout.prefix_tokens)
         assert ".attn." not in anatomy.target_layer  # never a tensor inside an attention
