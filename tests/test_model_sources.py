@@ -53,6 +53,18 @@ def not_a_model():
 '''
 
 
+LOG_WHERE_BUILT = """
+
+_plain_build = build
+
+
+def build():
+    with open({log!r}, "a") as log:
+        log.write(__file__ + "\\n")
+    return _plain_build()
+"""
+
+
 def invoke(*args) -> object:
     return CliRunner().invoke(main, [str(a) for a in args], prog_name="audit")
 
@@ -249,7 +261,11 @@ def test_a_timm_vit_with_safetensors_weights_is_audited_end_to_end(ray_session, 
 
 @pytest.mark.slow
 def test_a_teams_module_reaches_ray_workers_started_without_it(ray_head, team_package, tmp_path):
-    """The head's workers were started without teamnet on their path: the job ships it (runtime_env)."""
+    """The head's workers were started without teamnet: the job ships it (runtime_env py_modules),
+    and the workers build the model from that copy, as the log of where `build` ran from shows."""
+    (team_package / "teamnet" / "models.py").write_text(
+        textwrap.dedent(TEAM_MODULE) + LOG_WHERE_BUILT.format(log=str(tmp_path / "built_from.txt"))
+    )
     (tmp_path / "data").mkdir()
     manifest = _manifest(tmp_path / "data")
     env = {**ray_head, "PYTHONPATH": str(team_package)}
@@ -275,7 +291,8 @@ def test_a_teams_module_reaches_ray_workers_started_without_it(ray_head, team_pa
         "2",
         "--no-report",
     ]
-    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    # Ray hands the driver's current directory to every worker: run from one without teamnet
+    done = subprocess.run(command, env=env, cwd=tmp_path / "data", capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = Path(done.stdout.strip().splitlines()[-1])
     rows = _ok_rows(run_dir)
@@ -283,3 +300,7 @@ def test_a_teams_module_reaches_ray_workers_started_without_it(ray_head, team_pa
     info = json.loads((run_dir / "run.json").read_text())
     assert info["model"]["cam_head"] == "classify" and info["model"]["source"] == "module"
     assert "error" not in json.loads((run_dir / "sanity.json").read_text())
+    built_from = set((tmp_path / "built_from.txt").read_text().split())
+    assert str(team_package / "teamnet" / "models.py") in built_from  # the driver, from its PYTHONPATH
+    shipped = [p for p in built_from if "runtime_resources" in p and "py_modules" in p]
+    assert len(built_from) == 2 and shipped  # the workers, from the copy the job shipped

@@ -22,7 +22,8 @@ class ClusterError(AuditError):
 
 
 @contextmanager
-def ray_cluster(address: str | None = None) -> Iterator[None]:
+def ray_cluster(address: str | None = None, runtime_env: dict | None = None) -> Iterator[None]:
+    """Connected to Ray for the block; ``runtime_env`` is the job's (code shipped to every worker)."""
     import ray
 
     if ray.is_initialized():
@@ -32,9 +33,14 @@ def ray_cluster(address: str | None = None) -> Iterator[None]:
         check_reachable(address)
     try:
         if address is None:
-            ray.init(include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
+            ray.init(
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                configure_logging=True,
+                runtime_env=runtime_env,
+            )
         else:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         raise ClusterError(f"cannot connect to {where}: {first_line(exc)}") from exc

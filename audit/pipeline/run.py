@@ -209,7 +209,7 @@ def _execute(state: RunState, execution: Execution) -> Path:
     state.save()
     began = time.perf_counter()
     try:
-        with _Heartbeat(state, execution.heartbeat_s), ray_cluster(state.config.address):
+        with _Heartbeat(state, execution.heartbeat_s), ray_cluster(state.config.address, model_code_env(state.config)):
             plan = plan_resources(state.config.actors)
             attempt["resources"] = plan.to_dict()
             checkpoint_ref = ray.put(state.checkpoint_bytes)
@@ -275,7 +275,6 @@ def _run_pass(
         compute=ActorPoolStrategy(size=plan.actors),
         num_cpus=plan.cpus_per_actor,
         num_gpus=plan.gpus_per_actor or None,
-        **_with_model_code(state.config),
     )
     for table in explained.iter_batches(batch_size=None, batch_format="pyarrow"):
         if table.num_rows:
@@ -283,12 +282,13 @@ def _run_pass(
             progress.advance(table.num_rows)
 
 
-def _with_model_code(config: RunConfig) -> dict:
-    """Ray options that ship the team's model code (a ``package.module:callable`` spec) to every
-    worker that builds the model: the package's folder (or the module's file) as a ``py_modules``
-    entry of the task's runtime_env, so workers need not have it on their path."""
+def model_code_env(config: RunConfig) -> dict | None:
+    """The job's runtime_env that ships the team's model code (a ``package.module:callable``
+    spec) to every worker: the package's folder (or the module's file) as a ``py_modules`` entry,
+    so workers need not have it on their path. Ray uploads local code at the job level only, so it
+    applies where the run connects to Ray itself (a driver already connected keeps its own)."""
     root = module_root(config.model)
-    return {"runtime_env": {"py_modules": [root]}} if root else {}
+    return {"py_modules": [root]} if root else None
 
 
 def sanity_sample(manifest: pd.DataFrame, size: int) -> pd.DataFrame:
@@ -312,7 +312,6 @@ def _run_sanity(state: RunState, plan, checkpoint_ref) -> float:
         num_cpus=plan.cpus_per_actor,
         num_gpus=plan.gpus_per_actor or None,
         max_retries=1,
-        **_with_model_code(state.config),
     )
     try:
         result = ray.get(task.remote([checkpoint_ref], state.config.to_dict(), rows, plan.torch_threads))
