@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
 
 from audit.cli import main
+from audit.config import RunConfig
 from audit.demo import DemoSettings, run_demo
+from audit.explain.sanity import SANITY_FILE
 from audit.history import runs
 
 SMALL = DemoSettings(images=350, image_size=128, epochs=6)
@@ -51,8 +54,22 @@ def test_demo_flags_the_shortcut_class_and_only_it(first_demo):
     assert report == f"Report: {result.run_dir / 'report.html'}"
 
 
-def test_second_demo_reuses_data_and_model(first_demo):
+def test_second_demo_reuses_data_and_model(first_demo, monkeypatch):
     out, first, lines = first_demo
+    copied = []
+
+    def same_sanity_check(state, plan, checkpoint_ref) -> float:
+        # The same model, images and options as the first run: its sanity check (deterministic: a fixed
+        # sample and fixed seeds) is what this run would compute, minutes later. Everything else runs.
+        before = json.loads((first.run_dir / "run.json").read_text())
+        assert state.config.computed == RunConfig.from_dict(before["config"]).computed
+        assert state.info["model"]["sha256"] == before["model"]["sha256"]
+        assert state.info["dataset"]["fingerprint"] == before["dataset"]["fingerprint"]
+        shutil.copy(first.run_dir / SANITY_FILE, state.run_dir / SANITY_FILE)
+        copied.append(state.run_dir.resolve())
+        return 0.0
+
+    monkeypatch.setattr("audit.pipeline.run._run_sanity", same_sanity_check)
     assert any(line.startswith("demo: generating") for line in lines)
     assert any(line.startswith("demo: training") for line in lines)
     model_time = (out / "model.pt").stat().st_mtime_ns
@@ -64,3 +81,4 @@ def test_second_demo_reuses_data_and_model(first_demo):
     assert result.stdout.strip().splitlines()[-1].startswith("Report: ")
     assert len(runs(out / "runs")) == 2
     assert (out / "runs" / "latest").resolve() == max(runs(out / "runs"))
+    assert copied == [max(runs(out / "runs")).resolve()]  # the second run did reach its sanity check

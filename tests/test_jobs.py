@@ -117,6 +117,8 @@ def test_submit_recipe_runs_an_audit_as_a_ray_job(ray_head, tmp_path):
                 "keep = 1",
                 f'baseline = "{history / BASELINE}"',
                 "gallery = 1",
+                "sanity_images = 0",  # the job recipe is tested here; the sanity check and the
+                'evidence = "none"',  # evidence are tested in test_pipeline.py
             ]
         )
     )

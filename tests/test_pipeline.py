@@ -266,9 +266,8 @@ def test_resuming_a_complete_run_computes_nothing(finished, tmp_path):
 
 def test_a_killed_worker_is_retried_and_every_row_lands_once(ray_session, dataset_dir, checkpoint, tmp_path):
     marker = tmp_path / "killed"
-    run_dir = run_audit(
-        _config(dataset_dir, checkpoint, tmp_path / "runs"), Execution(progress=False, kill_worker_after=f"2:{marker}")
-    )
+    config = _config(dataset_dir, checkpoint, tmp_path / "runs", evidence="none")  # rows and retries, not evidence
+    run_dir = run_audit(config, Execution(progress=False, kill_worker_after=f"2:{marker}"))
     assert marker.exists()  # the worker really died (SIGKILL) in its second batch
     rows = _rows(run_dir)
     assert len(rows) == 52 and count_rows(run_dir)["rows"] == 52
@@ -334,7 +333,10 @@ def test_interrupted_driver_resumes_without_recomputing(dataset_dir, checkpoint,
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # --batch-delay: at least 6 s of work, so the signal lands mid-run
-    command = _run_command(dataset_dir, checkpoint, tmp_path, "--batch-size", "2", "--batch-delay", "0.5")
+    # --evidence none: the interruption and the resume are tested here, not the evidence
+    command = _run_command(
+        dataset_dir, checkpoint, tmp_path, "--batch-size", "2", "--batch-delay", "0.5", "--evidence", "none"
+    )
     driver = subprocess.Popen(
         command,
         env=env,
@@ -468,6 +470,7 @@ def test_manifest_with_boxes_gets_loc_delta(ray_session, dataset_dir, checkpoint
         model=str(checkpoint),
         out=str(tmp_path),
         masks="none",
+        sanity_images=0,  # the check is tested on `finished`
     )
     rows = _rows(run_audit(config, Execution(progress=False))).sort_values("source_row")
     assert (rows["status"] == "ok").all()
