@@ -241,7 +241,7 @@ def test_a_timm_vit_with_safetensors_weights_is_audited_end_to_end(ray_session, 
         classes=list(CLASSES),
         out=str(tmp_path / "runs"),
         evidence="none",
-        sanity_images=2,
+        sanity_images=0,  # the cascade on a ViT: test_randomization_cascade_of_a_vit
         batch_size=3,
     )
     run_dir = run_audit(config, Execution(progress=False))
@@ -255,8 +255,15 @@ def test_a_timm_vit_with_safetensors_weights_is_audited_end_to_end(ray_session, 
     assert (info["spec"], info["layout"], info["feature_shape"]) == (spec, "tokens", [384, 14, 14])
     assert info["target_layer"] == "blocks.11.norm1" and info["classes"] == list(CLASSES)
     assert info["mean"] == [0.5, 0.5, 0.5] and len(info["sha256"]) == 64
-    sanity = json.loads((run_dir / "sanity.json").read_text())
-    assert "error" not in sanity and sanity["steps"][-1]["randomized"][-1] == "blocks.10"
+
+
+def test_randomization_cascade_of_a_vit_goes_from_the_head_through_the_last_block_to_the_one_before():
+    from audit.models.anatomy import randomization_cascade
+
+    model = resolve_model(ModelRequest("timm:vit_tiny_patch16_224", classes=CLASSES, input_size=(64, 64))).model
+    steps = randomization_cascade(model, (64, 64), "blocks.11.norm1")
+    assert steps[0][-1] == "head" and "blocks.11.attn.qkv" in steps[0] and "blocks.11.norm1" not in steps[0]
+    assert steps[1][-1] == "blocks.11.norm1" and steps[2][-1] == "blocks.10" and len(steps) == 3
 
 
 @pytest.mark.slow

@@ -27,7 +27,12 @@ from audit.models.checkpoint import classification_architectures
 pytestmark = pytest.mark.slow
 
 # torchvision: the input each is probed at (small, where the architecture allows)
-TORCHVISION_INPUT = {"inception_v3": 96, "maxvit_t": 224, "vit_h_14": 56, "vit_l_16": 64, "vit_l_32": 64}
+TORCHVISION_INPUT = {"inception_v3": 96, "maxvit_t": 224, "vit_l_16": 64, "vit_l_32": 64}
+# skipped, with the reason: their random initialisation alone takes 9-14 s of a 2-core CI machine
+TORCHVISION_SKIPPED = {
+    "regnet_y_128gf": "644 M parameters; regnet_y_32gf and the other RegNets cover the family",
+    "vit_h_14": "632 M parameters; vit_b_16, vit_b_32, vit_l_16 and vit_l_32 cover the family",
+}
 # timm: name -> (family's layout, build options that shrink the model's input)
 TIMM = {
     "resnet18": ("nchw", {}),
@@ -106,6 +111,8 @@ def _last_4d_grid(model: nn.Module, size: tuple[int, int]) -> tuple[int, int] | 
 
 @pytest.mark.parametrize("arch", sorted(classification_architectures()))
 def test_every_torchvision_classifier_is_explained_in_its_last_stage(arch):
+    if arch in TORCHVISION_SKIPPED:
+        pytest.skip(TORCHVISION_SKIPPED[arch])
     side = TORCHVISION_INPUT.get(arch, 64)
     size = (side, side)
     torch.manual_seed(0)
