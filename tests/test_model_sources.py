@@ -311,3 +311,23 @@ def test_a_teams_module_reaches_ray_workers_started_without_it(ray_head, team_pa
     assert str(team_package / "teamnet" / "models.py") in built_from  # the driver, from its PYTHONPATH
     shipped = [p for p in built_from if "runtime_resources" in p and "py_modules" in p]
     assert len(built_from) == 2 and shipped  # the workers, from the copy the job shipped
+
+
+def test_train_takes_a_timm_arch_and_its_checkpoint_records_the_spec(tmp_path):
+    from audit.data.synthetic import SyntheticSpec, generate
+    from audit.models.checkpoint import load_checkpoint
+
+    data = generate(tmp_path / "syn", SyntheticSpec(images=60, height=32, width=40, seed=4), workers=1)
+    pretrained = resolve_model(ModelRequest("timm:resnet18", classes=tuple(f"c{i}" for i in range(1000)))).model
+    save_file({k: v.contiguous() for k, v in pretrained.state_dict().items()}, tmp_path / "r18.safetensors")
+    out = tmp_path / "model.pt"
+    command = ["train", "--dataset", "synthetic", "--data-dir", data, "--arch", "timm:resnet18"]
+    command += ["--image-size", "32", "--epochs", "1", "--batch-size", "16", "--out", out]
+    assert_bad_input(invoke(*command), "come from the Hugging Face hub")  # --weights imagenet, the default
+    result = invoke(*command, "--weights", tmp_path / "r18.safetensors")
+    assert result.exit_code == 0, result.output
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.arch == "timm:resnet18" and checkpoint.input_size == (32, 32)
+    assert "r18.safetensors (" in result.stderr and "new classifier: fc.weight, fc.bias" in result.stderr
+    inspected = json.loads(invoke("model", "inspect", out, "--json").stdout)  # audited as trained, at 32x32:
+    assert inspected["target_layer"] == "layer3" and inspected["grid"] == [2, 2]  # layer4 is a single cell
