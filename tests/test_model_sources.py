@@ -331,3 +331,14 @@ def test_train_takes_a_timm_arch_and_its_checkpoint_records_the_spec(tmp_path):
     assert "r18.safetensors (" in result.stderr and "new classifier: fc.weight, fc.bias" in result.stderr
     inspected = json.loads(invoke("model", "inspect", out, "--json").stdout)  # audited as trained, at 32x32:
     assert inspected["target_layer"] == "layer3" and inspected["grid"] == [2, 2]  # layer4 is a single cell
+
+
+def test_explain_takes_a_model_spec(tmp_path):
+    image = tmp_path / "lesion.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(image)
+    spec = ["--model", "timm:vit_tiny_patch16_224", "--input-size", "64", "--classes", ",".join(CLASSES)]
+    result = invoke("explain", image, *spec, "--npy", "--out", tmp_path / "looks")
+    assert result.exit_code == 0, result.output
+    written = sorted(p.name for p in (tmp_path / "looks").iterdir())
+    assert written == ["lesion.gradcam.npy", "lesion.gradcampp.npy", "lesion.png"]  # no CAM, no ReLU to guide
+    assert np.load(tmp_path / "looks" / "lesion.gradcam.npy").shape == (64, 64)
