@@ -103,6 +103,26 @@ def spec_kind(spec: str) -> str:
     return "checkpoint"
 
 
+def check_request(request: ModelRequest) -> None:
+    """The cheap checks of a spec (the name exists, the module imports, the weights file is there),
+    so that a bad spec fails in one line before a dataset is read."""
+    kind, name = parse_arch(request.spec) if request.kind != "checkpoint" else ("checkpoint", request.spec)
+    if kind == "timm":
+        import timm
+
+        if not timm.is_model(name):
+            build_model(request.spec, 1)  # the error with its close matches
+    elif kind == "torchvision":
+        from audit.models.checkpoint import classification_architectures
+
+        if name not in classification_architectures():
+            build_model(request.spec, 1)
+    elif kind == "module":
+        import_factory(request.spec)
+    if request.weights and not Path(request.weights).is_file():
+        raise CheckpointError(f"weights not found: {request.weights}")
+
+
 def resolve_model(request: ModelRequest, dataset_classes: Sequence[str] | None = None) -> ResolvedModel:
     """Build, load and describe the model ``request`` names (a one-line CheckpointError when it cannot)."""
     if request.kind == "checkpoint":

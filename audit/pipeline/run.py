@@ -44,7 +44,7 @@ from audit.errors import AuditError
 from audit.explain.sanity import SANITY_FILE
 from audit.models.anatomy import inspect_model
 from audit.models.checkpoint import Checkpoint
-from audit.models.source import ResolvedModel, module_root, resolve_model
+from audit.models.source import ResolvedModel, check_request, module_root, resolve_model
 from audit.pipeline.cluster import check_reachable, plan_resources, ray_cluster
 from audit.pipeline.schema import KEY, explanation_schema, to_table
 from audit.pipeline.stages import Explainer, decode_batch, one_line
@@ -142,6 +142,7 @@ def _prepare(config: RunConfig) -> RunState:
         model = resolve_model(request)
         dataset = load_dataset(config.dataset, config.data_dir, classes=model.checkpoint.classes)
     else:  # the model's outputs are the dataset's classes, in order
+        check_request(request)  # a bad spec fails before the dataset is read
         dataset = load_dataset(config.dataset, config.data_dir)
         model = resolve_model(request, dataset.classes)
     checkpoint, model_sha = model.checkpoint, model.sha256
