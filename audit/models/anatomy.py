@@ -454,11 +454,7 @@ def find_cam_head(probe: _Probe, target_layer: str, classifier: str | None = Non
         return None, f"CAM needs the linear layer {name!r} to run after the target layer {target_layer!r}"
     between = probe.order[probe.order.index(target_layer) + 1 : probe.order.index(name)]
     transforms = [
-        step
-        for step in between
-        if _has_state(probe.modules[step])
-        and not target_layer.startswith(step + ".")
-        and not name.startswith(step + ".")
+        step for step in between if _has_state(probe.modules[step]) and not target_layer.startswith(step + ".")
     ]
     if transforms:
         shown = ", ".join(repr(step) for step in transforms[:3]) + (" ..." if len(transforms) > 3 else "")

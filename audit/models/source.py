@@ -38,11 +38,13 @@ from torch import nn
 
 from audit.errors import CheckpointError, first_line
 from audit.models.checkpoint import (
+    CHECKPOINT_FORMAT,
     Checkpoint,
     build_model,
     checkpoint_from_bytes,
     load_model,
     parse_arch,
+    sha256_file,
     state_dict_mismatch,
     validated_checkpoint,
 )
@@ -132,18 +134,18 @@ def resolve_model(request: ModelRequest, dataset_classes: Sequence[str] | None =
         model = build_model(request.spec, len(request.classes or dataset_classes or ()) or None, request.input_size)
     if request.weights:
         _load_weights(model, request.weights, request.spec)
-        sha = _sha256_file(request.weights)
+        sha = sha256_file(request.weights)
     else:
         sha = state_dict_sha256(model.state_dict())
     model.eval()
-    outputs = _output_count(model, request.input_size or _own_input_size(model, request.spec))
+    input_size, mean, std = _preprocessing(model, request)
+    outputs = _output_count(model, input_size)
     classes = tuple(request.classes or dataset_classes or (str(i) for i in range(outputs)))
     if len(classes) != outputs:
         raise CheckpointError(f"{request.spec} returns {outputs} logits but {len(classes)} classes were given")
-    input_size, mean, std = _preprocessing(model, request)
     checkpoint = validated_checkpoint(
         {
-            "format": "cam-audit/1",
+            "format": CHECKPOINT_FORMAT,
             "arch": request.spec,
             "classes": list(classes),
             "input_size": list(input_size),
@@ -232,14 +234,6 @@ def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _output_count(model: nn.Module, input_size: tuple[int, int]) -> int:
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
@@ -263,10 +257,6 @@ def _preprocessing(model: nn.Module, request: ModelRequest):
         request.mean or own_mean,
         request.std or own_std,
     )
-
-
-def _own_input_size(model: nn.Module, spec: str) -> tuple[int, int]:
-    return _own_preprocessing(model, spec)[0]
 
 
 def _own_preprocessing(model: nn.Module, spec: str):
