@@ -20,6 +20,9 @@ from torch import nn
 
 from audit.models import build_model
 
+# The mask cache of a test session is its own (an empty one): tests never read a developer's cache.
+os.environ["CAM_AUDIT_CACHE"] = tempfile.mkdtemp(prefix="cam-audit-test-cache-")
+
 
 @pytest.fixture(autouse=True)
 def _seeded() -> None:

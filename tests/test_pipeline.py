@@ -33,7 +33,7 @@ from audit.models import load_checkpoint, load_model
 from audit.models.checkpoint import save_random_checkpoint
 from audit.pipeline.run import OUTPUT_DIR, Execution, RunError, count_rows, resume_audit, run_audit
 from audit.pipeline.schema import AGREEMENT_COLUMNS, EVIDENCE_COLUMNS, LOCALIZATION_COLUMNS, MAP_COLUMNS
-from audit.pipeline.stages import decode_batch
+from audit.pipeline.stages import decode_rows, read_batch
 
 IMAGES = 24
 BAD = {
@@ -156,12 +156,11 @@ def test_evidence_equals_the_engines_own(finished, checkpoint):
     rows = _rows(finished)
     ok = rows[(rows["status"] == "ok") & (rows["target_kind"] == "label")].head(6)
     batch = {key: ok[key].to_numpy() for key in ("image_id", "path", "mask_path")}
-    decoded = decode_batch(batch, (64, 64), "provided")
-    pixels = torch.from_numpy(decoded["image"]).permute(0, 3, 1, 2).float() / 255
-    images = (pixels - 0.5) / 0.25
+    pixels, masks, _ = decode_rows(read_batch(batch, (64, 64), "provided"), (64, 64), "cpu")
+    images = (pixels.float() / 255 - 0.5) / 0.25
     engine = ExplainEngine(load_model(load_checkpoint(checkpoint)), (64, 64))
     explanation = engine(images, torch.tensor(ok["label"].to_numpy()))
-    masks = torch.from_numpy(decoded["mask"])
+    masks = torch.from_numpy(masks)
     columns = gather_evidence(engine, images, [explanation], ("occlusion", "faithfulness"), masks)[0].columns()
     for name in (*OCCLUSION_COLUMNS, *FAITHFULNESS_COLUMNS):
         stored = ok[name].to_numpy()
@@ -179,8 +178,8 @@ def test_maps_equal_the_engines_own_output(finished, checkpoint):
         "path": ok["path"].to_numpy(),
         "mask_path": ok["mask_path"].to_numpy(),
     }
-    pixels = torch.from_numpy(decode_batch(batch, (64, 64), "none")["image"]).permute(0, 3, 1, 2).float() / 255
-    images = (pixels - 0.5) / 0.25
+    pixels = decode_rows(read_batch(batch, (64, 64), "none"), (64, 64), "cpu")[0]
+    images = (pixels.float() / 255 - 0.5) / 0.25
     engine = ExplainEngine(load_model(load_checkpoint(checkpoint)), (64, 64))
     result = engine(images, torch.tensor(ok["label"].to_numpy()))
     for name in ("cam", "gradcam", "gradcampp"):
@@ -409,8 +408,8 @@ def test_a_model_failure_is_isolated_to_its_image(ray_session, dataset_dir, chec
     manifest = pd.read_parquet(finished / "manifest.parquet").iloc[10:14]
     batch = {c: manifest[c].to_numpy() for c in manifest.columns}
     batch["kinds"] = np.array(["pred,label"] * 4, dtype=object)
-    batch = decode_batch(batch, (64, 64), "auto")
-    batch["image"][2] = 0
+    batch = read_batch(batch, (64, 64), "auto")
+    batch["payload"][2], batch["payload_kind"][2] = bytes(64 * 64 * 3), "pixels"  # a blank image
     real = explainer.engine.explain_many
 
     def fragile(images, sets):

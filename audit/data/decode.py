@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000  # 8x a 24-megapixel photo; HAM10000 images have 270,000
 ASPECT_TOLERANCE = 0.02
+JPEG_END = b"\xff\xd9"  # the end-of-image marker
 
 
 class DecodeError(Exception):
@@ -40,6 +42,12 @@ def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     exactly the corner where a shortcut sits."""
     h, w = size
     return np.asarray(Image.fromarray(rgb).resize((w, h), Image.Resampling.BILINEAR))
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool resized to ``size`` = (h, w) with nearest-neighbour (a mask stays a mask)."""
+    h, w = size
+    return np.asarray(Image.fromarray(mask).resize((w, h), Image.Resampling.NEAREST), dtype=bool)
 
 
 def decode_mask(
@@ -62,6 +70,24 @@ def image_size(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_
     with _open(source, max_pixels) as image:
         width, height = image.size
     return height, width
+
+
+@dataclass(frozen=True)
+class Header:
+    """What an image's header says: its size (H, W), and whether the device decoder can take it:
+    a baseline (not progressive) 8-bit colour JPEG that ends where a JPEG ends (a truncated file
+    goes to Pillow, which reports it)."""
+
+    size: tuple[int, int]
+    device_decodable: bool
+
+
+def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:
+    """The header of encoded bytes, with the checks of :func:`decode_image` before any pixel is decoded."""
+    with _open(data, max_pixels) as image:
+        width, height = image.size
+        baseline_jpeg = image.format == "JPEG" and image.mode == "RGB" and not image.info.get("progressive")
+    return Header((height, width), baseline_jpeg and data.endswith(JPEG_END))
 
 
 def _open(source: str | os.PathLike | bytes, max_pixels: int) -> Image.Image:

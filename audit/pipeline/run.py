@@ -47,7 +47,7 @@ from audit.models.checkpoint import Checkpoint
 from audit.models.source import ResolvedModel, check_request, module_root, resolve_model
 from audit.pipeline.cluster import check_reachable, plan_resources, ray_cluster
 from audit.pipeline.schema import KEY, explanation_schema, to_table
-from audit.pipeline.stages import Explainer, decode_batch, one_line
+from audit.pipeline.stages import Explainer, one_line, read_batch
 
 RUN_FILE = history.RUN_FILE
 MANIFEST_FILE = "manifest.parquet"
@@ -254,7 +254,7 @@ def _run_pass(
     # not when a large block fills. (A Parquet source of small files is read as one block.)
     dataset = ray.data.from_pandas(_batches(pending, config.batch_size))
     decoded = dataset.map_batches(
-        decode_batch,
+        read_batch,
         fn_kwargs={"input_size": state.checkpoint.input_size, "masks": config.masks},
         batch_size=config.batch_size,
         batch_format="numpy",

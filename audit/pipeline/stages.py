@@ -9,16 +9,20 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
 
-from audit.data.decode import DecodeError, decode_image, decode_mask, resize_rgb
+from audit.data.decode import DecodeError, decode_image, decode_mask, read_header, resize_mask, resize_rgb
+from audit.data.device_decode import JPEG, PIXELS, decode_on_device
 from audit.data.manifest import BOX_COLUMNS
+from audit.data.mask_cache import MaskCache, cache_folder
 from audit.data.masks import estimate_lesion_mask
+from audit.data.storage import StorageError, read_bytes
 from audit.errors import first_line
 from audit.explain.engine import ExplainEngine, Explanation
 from audit.explain.evidence import NO_MASK_NOTE, evidence_kinds, gather_evidence
@@ -28,49 +32,117 @@ from audit.explain.sanity import SanityCheck
 from audit.models.checkpoint import Checkpoint, checkpoint_from_bytes, load_model
 from audit.pipeline.schema import to_table
 
-PASS_THROUGH_SKIP = {"kinds", "image", "mask", "has_mask", "mask_source", "decode_stage", "decode_error"}
+PASS_THROUGH_SKIP = {"kinds", "payload", "payload_kind", "mask_bits", "mask_source", "decode_stage", "decode_error"}
 
 
-def decode_batch(batch: dict[str, np.ndarray], input_size: tuple[int, int], masks: str) -> dict[str, np.ndarray]:
-    """Decode and resize each image (and its mask) to ``input_size``; failures become reasons.
+def read_batch(batch: dict[str, np.ndarray], input_size: tuple[int, int], masks: str) -> dict[str, np.ndarray]:
+    """Read each image's bytes and header, and its mask at ``input_size``; failures become reasons.
 
-    Images are resized to the model's input size without cropping (:func:`resize_rgb`); masks
-    follow with nearest-neighbour.
+    What leaves is small and cheap to make: a baseline JPEG's encoded bytes (decoded on the
+    explain actor's device, :mod:`audit.data.device_decode`), other images decoded here and
+    resized without cropping; a mask as one bit per pixel, from the mask cache
+    (:mod:`audit.data.mask_cache`) when this dataset version was read before. Decompression
+    bombs are refused from the header, before any pixel is decoded.
     """
-    h, w = input_size
     n = len(batch["image_id"])
-    images = np.zeros((n, h, w, 3), dtype=np.uint8)
-    mask_out = np.zeros((n, h, w), dtype=bool)
-    has_mask = np.zeros(n, dtype=bool)
+    cache = MaskCache(cache_folder(), input_size)
+    payload = np.full(n, b"", dtype=object)
+    kind = np.full(n, "", dtype=object)
+    bits = np.full(n, b"", dtype=object)
     source = np.full(n, "none", dtype=object)
     # "" rather than None: a column of nothing but nulls does not survive Ray's Arrow round trip as None
     stage = np.full(n, "", dtype=object)
     error = np.full(n, "", dtype=object)
     for i in range(n):
+        path = batch["path"][i]
         try:
-            rgb = decode_image(batch["path"][i])
+            data = _read(path)
+            header = read_header(data)
+            pixels = None if header.device_decodable else resize_rgb(decode_image(data), input_size)
         except DecodeError as exc:
             stage[i], error[i] = "decode", str(exc)
             continue
-        images[i] = resize_rgb(rgb, input_size)
+        payload[i], kind[i] = (data, JPEG) if pixels is None else (pixels.tobytes(), PIXELS)
         mask_path = batch["mask_path"][i]  # a str, or None: the Manifest's one form of a missing mask
         try:
             if mask_path and masks in ("auto", "provided"):
-                full = decode_mask(mask_path, rgb.shape[:2])
-                mask_out[i] = np.asarray(Image.fromarray(full).resize((w, h), Image.Resampling.NEAREST))
+                mask = cache.provided(mask_path, header.size, partial(_mask, mask_path, header.size, input_size))
                 source[i] = "provided"
             elif masks == "estimate" or (masks == "auto" and not mask_path):
-                mask_out[i] = estimate_lesion_mask(images[i])
+                mask = cache.estimated(path, partial(_estimate, data, pixels, input_size))
                 source[i] = "estimated"
-        except DecodeError as exc:
+        except (DecodeError, StorageError) as exc:
             stage[i], error[i] = "mask", str(exc)
             continue
-        has_mask[i] = source[i] != "none"
+        if source[i] != "none":
+            bits[i] = np.packbits(mask).tobytes()
     out = dict(batch)
     out.update(
-        image=images, mask=mask_out, has_mask=has_mask, mask_source=source, decode_stage=stage, decode_error=error
+        payload=payload,
+        payload_kind=kind,
+        mask_bits=bits,
+        mask_source=source,
+        decode_stage=stage,
+        decode_error=error,
     )
     return out
+
+
+def decode_rows(
+    batch: dict[str, np.ndarray], size: tuple[int, int], device: torch.device | str
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """A read batch's images on ``device`` ((N, 3, h, w) uint8), its masks ((N, h, w) bool, False
+    where a row has none), and per row the decode error ("" where it decoded)."""
+    n = len(batch["image_id"])
+    readable = [i for i in range(n) if not batch["decode_stage"][i]]
+    images = torch.zeros((n, 3, *size), dtype=torch.uint8, device=device)
+    decoded, failed = decode_on_device(
+        [batch["payload"][i] for i in readable], [batch["payload_kind"][i] for i in readable], size, device
+    )
+    if readable:
+        images[torch.tensor(readable, device=device)] = decoded
+    errors = np.full(n, "", dtype=object)
+    for position, reason in failed.items():
+        errors[readable[position]] = reason
+    return images, unpack_masks(batch["mask_bits"], size), errors
+
+
+def unpack_masks(bits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(N, h, w) bool from one packed bit string per row ("" where a row has no mask)."""
+    h, w = size
+    masks = np.zeros((len(bits), h, w), dtype=bool)
+    for i, packed in enumerate(bits):
+        if packed:
+            masks[i] = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=h * w).reshape(h, w)
+    return masks
+
+
+def _read(location: str) -> bytes:
+    try:
+        data = read_bytes(location)
+    except StorageError as exc:
+        raise DecodeError(str(exc)) from exc
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    return data
+
+
+def _mask(location: str, image_size: tuple[int, int], input_size: tuple[int, int]) -> np.ndarray:
+    return resize_mask(decode_mask(_read(location), image_size), input_size)
+
+
+def _estimate(data: bytes, pixels: np.ndarray | None, input_size: tuple[int, int]) -> np.ndarray:
+    """The estimated lesion mask, always on Pillow's pixels: a cached estimate equals a fresh one."""
+    return estimate_lesion_mask(resize_rgb(decode_image(data), input_size) if pixels is None else pixels)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A batch on the actor's device: images (N, 3, h, w) uint8; masks (N, h, w) bool and which rows have one."""
+
+    images: torch.Tensor
+    masks: np.ndarray
+    has_mask: np.ndarray
 
 
 class Explainer:
@@ -96,6 +168,7 @@ class Explainer:
         self.engine = explain_engine(model, checkpoint, config)
         self.mean = torch.tensor(checkpoint.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(checkpoint.std, device=self.device).view(1, 3, 1, 1)
+        self.input_size = tuple(checkpoint.input_size)
         self.settings = MetricSettings(
             grid=config.get("grid", 56), topk=config.get("topk", 0.2), delta=config.get("delta", 0.5)
         )
@@ -114,53 +187,49 @@ class Explainer:
             time.sleep(self.delay)
         rows = _Rows(self.schema)
         n = len(batch["image_id"])
-        ok = np.array([not batch["decode_stage"][i] for i in range(n)], dtype=bool)
-        results = self._explain(batch, np.flatnonzero(ok))
+        images, masks, failed = decode_rows(batch, self.input_size, self.device)
+        stage = [batch["decode_stage"][i] or ("decode" if failed[i] else "") for i in range(n)]
+        reason = [batch["decode_error"][i] or failed[i] for i in range(n)]
+        ok = np.array([not s for s in stage], dtype=bool)
+        has_mask = np.array([source != "none" for source in batch["mask_source"]], dtype=bool)
+        decoded = Decoded(images, masks, has_mask)
+        results = self._explain(batch, decoded, np.flatnonzero(ok))
         for i in range(n):
             for kind in batch["kinds"][i].split(","):
                 row = _base_row(batch, i, kind)
                 if not ok[i]:
-                    rows.add(
-                        {
-                            **row,
-                            "status": "error",
-                            "error_stage": batch["decode_stage"][i],
-                            "error": batch["decode_error"][i],
-                        }
-                    )
+                    rows.add({**row, "status": "error", "error_stage": stage[i], "error": reason[i]})
                 elif isinstance(results.get(i), str):
                     rows.add({**row, "status": "error", "error_stage": "model", "error": results[i]})
                 else:
                     rows.add({**row, **results[i][kind]})
         return rows.table()
 
-    def _explain(self, batch: dict[str, np.ndarray], indices: np.ndarray) -> dict[int, dict | str]:
+    def _explain(self, batch: dict[str, np.ndarray], decoded: Decoded, indices: np.ndarray) -> dict[int, dict | str]:
         """Per decoded row: {kind: columns} on success, or the model error's text."""
         if len(indices) == 0:
             return {}
         try:
-            return self._explain_indices(batch, indices)
+            return self._explain_indices(batch, decoded, indices)
         except Exception as exc:  # noqa: BLE001 - isolate the failing row; the rest of the batch survives
             if len(indices) == 1:
                 return {int(indices[0]): one_line(exc)}
             results: dict[int, dict | str] = {}
             for index in indices:
-                results.update(self._explain(batch, np.array([index])))
+                results.update(self._explain(batch, decoded, np.array([index])))
             return results
 
-    def _explain_indices(self, batch: dict[str, np.ndarray], indices: np.ndarray) -> dict[int, dict]:
-        images = model_input(batch["image"][indices], self.mean, self.std)
+    def _explain_indices(self, batch: dict[str, np.ndarray], decoded: Decoded, indices: np.ndarray) -> dict[int, dict]:
+        images = model_input(decoded.images[torch.from_numpy(indices).to(self.device)], self.mean, self.std)
         kinds = sorted({kind for i in indices for kind in batch["kinds"][i].split(",")})
         labels = torch.as_tensor(batch["label"][indices].astype(np.int64), device=self.device)
         if self.mode == "forward":
             return self._predictions(images, indices, kinds, labels)
         sets = [None if kind == "pred" else labels for kind in kinds]
         explained = dict(zip(kinds, self.engine.explain_many(images, sets)))
-        masks = torch.from_numpy(batch["mask"][indices]).to(self.device) if batch["has_mask"][indices].any() else None
-        if masks is not None:
-            masks &= torch.from_numpy(batch["has_mask"][indices]).to(self.device)[:, None, None]
+        has_mask = torch.from_numpy(decoded.has_mask[indices]).to(self.device)
+        masks = torch.from_numpy(decoded.masks[indices]).to(self.device) if has_mask.any() else None
         boxes = self._boxes(batch, indices) if self.with_boxes else None
-        has_mask = torch.from_numpy(batch["has_mask"][indices]).to(self.device)
         evidence = gather_evidence(self.engine, images, list(explained.values()), self.evidence, masks, has_mask)
         out: dict[int, dict] = {int(i): {} for i in indices}
         for (kind, explanation), found in zip(explained.items(), evidence):
@@ -169,7 +238,7 @@ class Explainer:
             for position, columns in enumerate(_columns(explanation, scores)):
                 index = int(indices[position])
                 columns["mask_source"] = batch["mask_source"][index]
-                if "occlusion" in self.evidence and not batch["has_mask"][index]:
+                if "occlusion" in self.evidence and not decoded.has_mask[index]:
                     columns["notes"] = "; ".join(filter(None, [columns["notes"], NO_MASK_NOTE]))
                 out[index][kind] = columns
         return out
@@ -206,11 +275,10 @@ class Explainer:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def model_input(pixels: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float normalised on ``mean``'s device (channels-last on a GPU)."""
+def model_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) uint8 -> float normalised, on ``mean``'s device (channels-last on a GPU)."""
     device = mean.device
-    images = torch.from_numpy(np.ascontiguousarray(pixels)).to(device, non_blocking=True)
-    images = (images.permute(0, 3, 1, 2).float().div_(255) - mean) / std
+    images = (images.to(device, non_blocking=True).float().div_(255) - mean) / std
     return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 
 
@@ -246,14 +314,15 @@ def sanity_task(checkpoint_ref: list, config: dict, rows: dict[str, np.ndarray],
 
     The rows are decoded here as the job decodes them; rows that fail to decode are left out."""
     checkpoint, model, device = load_actor_model(checkpoint_ref, threads)
-    decoded = decode_batch(rows, checkpoint.input_size, "none")
-    usable = np.array([not stage for stage in decoded["decode_stage"]], dtype=bool)
+    read = read_batch(rows, checkpoint.input_size, "none")
+    images, _, failed = decode_rows(read, checkpoint.input_size, device)
+    usable = np.array([not (stage or reason) for stage, reason in zip(read["decode_stage"], failed)], dtype=bool)
     if not usable.any():
         return {"error": "no sampled image could be decoded"}
     mean = torch.tensor(checkpoint.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(checkpoint.std, device=device).view(1, 3, 1, 1)
     check = SanityCheck(explain_engine(model, checkpoint, config), chunk=config.get("batch_size", 32))
-    result = check(model_input(decoded["image"][usable], mean, std)).to_dict()
+    result = check(model_input(images[torch.from_numpy(usable).to(device)], mean, std)).to_dict()
     result["image_ids"] = [str(i) for i in np.asarray(rows["image_id"])[usable]]
     result["device"] = device.type
     return result
