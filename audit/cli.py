@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import click
 
 from audit import __version__
-from audit.config import CLUSTER_METHODS, DATASETS, DEFAULT_TOLERANCE, EVIDENCE, MASKS, TARGETS
+from audit.config import CLUSTER_METHODS, DATASETS, DEFAULT_TOLERANCE, EVIDENCE, MASKS, PRECISIONS, TARGETS
 from audit.errors import AuditError, first_line
 
 if TYPE_CHECKING:
@@ -273,7 +273,12 @@ TOLERANCE = click.option(
 )
 @click.option("--targets", type=click.Choice(TARGETS), help=f"classes to explain [default: {_default('targets')}]")
 @click.option("--address", help="join a Ray cluster (auto, ray://host:10001); default: start a local one")
-@click.option("--batch-size", type=click.IntRange(min=1), help=f"[default: {_default('batch_size')}]")
+@click.option("--batch-size", type=click.IntRange(min=1), help="images per batch [default: 256 on a GPU, 32 on a CPU]")
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    help=f"fp32, or bf16 autocast; auto: bf16 on a GPU, fp32 on a CPU [default: {_default('precision')}]",
+)
 @click.option("--limit", type=click.IntRange(min=1), help="only the first N images, for a quick look")
 @click.option(
     "--masks",

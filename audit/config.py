@@ -29,6 +29,7 @@ DATASETS = ("ham10000", "imagefolder", "manifest", "synthetic")
 TARGETS = ("pred", "label", "both")
 MASKS = ("auto", "provided", "estimate", "none")
 EVIDENCE = ("none", "occlusion", "faithfulness", "all")
+PRECISIONS = ("auto", "fp32", "bf16")
 CLUSTER_METHODS = ("consensus", "cam", "gradcam", "gradcampp")
 DEFAULT_TOLERANCE = 0.05  # `audit compare`: a rate that rose by more than this is a regression
 REQUIRED = ("dataset", "model")
@@ -53,6 +54,7 @@ COMPUTED = (
     "target_layer",
     "classifier",
     "gradcampp_eps",
+    "precision",
     "grid",
     "topk",
     "delta",
@@ -77,12 +79,15 @@ class RunConfig:
     estimates; ``none`` scores no localization. ``evidence``: the interventions computed
     beside the maps (:mod:`audit.explain.evidence`): occlusion counterfactuals, the
     faithfulness measures, ``all`` or ``none``. ``sanity_images``: images the model-randomization
-    sanity check explains (:mod:`audit.explain.sanity`; 0 turns it off). ``grid``, ``topk`` and ``delta`` tune the
-    metrics (:mod:`audit.explain.metrics`).
+    sanity check explains (:mod:`audit.explain.sanity`; 0 turns it off). ``precision``: the
+    explain actors' arithmetic, ``fp32`` or ``bf16`` (autocast); ``auto`` is bf16 on a GPU and
+    fp32 on a CPU, settled when the run starts (run.json ``execution``) and kept by ``--resume``.
+    ``grid``, ``topk`` and ``delta`` tune the metrics (:mod:`audit.explain.metrics`).
 
     How to run it and what to do with it: ``name`` is the audit's name: runs go to
     ``out/name/<run_id>/`` (default: the name of ``data_dir``, else the dataset kind).
-    ``actors``: explain actors (default: one per GPU, else one per node). ``keep``: how many
+    ``actors``: explain actors (default: one per GPU, else one per node). ``batch_size``: images
+    per batch (default: 256 on a GPU, 32 on a CPU; run.json ``execution`` records it). ``keep``: how many
     runs of this audit to keep (the baseline and the ``latest`` run are never deleted).
     ``baseline``: a run to compare with at the end. ``cluster_method``: the maps the report
     clusters into strategies per class (:mod:`audit.report.clusters`). ``fail_on``: exit 1 when the report, or the
@@ -102,7 +107,7 @@ class RunConfig:
     name: str | None = None
     targets: Literal["pred", "label", "both"] = "pred"
     address: str | None = None
-    batch_size: int = 32
+    batch_size: int | None = None
     limit: int | None = None
     masks: Literal["auto", "provided", "estimate", "none"] = "auto"
     evidence: Literal["none", "occlusion", "faithfulness", "all"] = "all"
@@ -110,6 +115,7 @@ class RunConfig:
     target_layer: str | None = None
     classifier: str | None = None
     gradcampp_eps: float = 0.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     grid: int = 56
     topk: float = 0.2
     delta: float = 0.5

@@ -92,6 +92,25 @@ def test_runs_of_different_models_and_classes_are_compared_where_they_overlap(tm
     assert "judged with this run's thresholds" in notes and "off_object_warn" in notes
 
 
+def _set_info(run_dir, **values):
+    info = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**info, **values}))
+
+
+def test_runs_computed_in_different_precisions_say_so(tmp_path):
+    """bf16 autocast moves a random model's maps: a comparison across precisions is flagged, also
+    against a run from before run.json recorded it (its device then decided: bf16 on a GPU)."""
+    baseline = write_run(tmp_path / "b", _rows(CLASSES, {}), CLASSES)
+    run = write_run(tmp_path / "r", _rows(CLASSES, {}), CLASSES)
+    _set_info(baseline, execution={"device": "cpu", "precision": "fp32", "batch_size": 32})
+    _set_info(run, execution={"device": "cpu", "precision": "fp32", "batch_size": 64})
+    assert not any("precision" in note for note in _compare(baseline, run).differences)
+    _set_info(run, execution={"device": "cuda", "precision": "bf16", "batch_size": 256})
+    assert "precision 'fp32' -> 'bf16'" in " | ".join(_compare(baseline, run).differences)
+    _set_info(baseline, execution={}, attempts=[{"resources": {"gpus_per_actor": 1.0}}])
+    assert not any("precision" in note for note in _compare(baseline, run).differences)
+
+
 def test_compare_command_writes_json_and_a_report_section_and_exits_by_status(runs):
     baseline, run = runs
     runner = CliRunner()

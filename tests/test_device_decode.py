@@ -11,11 +11,13 @@ import torch
 from PIL import Image
 
 from audit.data import mask_cache
-from audit.data.decode import DecodeError, decode_image, read_header, resize_rgb
-from audit.data.device_decode import JPEG, PIXELS, decode_jpegs, decode_on_device, resize_float, resize_on_device
+from audit.data import masks as lesion_masks
+from audit.data.decode import JPEG, PIXELS, DecodeError, decode_image, read_header, resize_rgb
+from audit.data.device_decode import decode_jpegs, decode_on_device, resize_float, resize_on_device
 from audit.data.synthetic import Shortcut, SyntheticSpec, generate
-from audit.pipeline import stages
-from audit.pipeline.stages import decode_rows, read_batch
+from audit.pipeline import read as read_stage
+from audit.pipeline.read import read_batch, unpack_masks
+from audit.pipeline.stages import decode_rows
 
 SIZE = (64, 64)
 
@@ -126,8 +128,8 @@ def test_a_decompression_bomb_is_refused_from_its_header(tmp_path, monkeypatch):
     Image.new("L", (4000, 3000)).save(path)
     with pytest.raises(DecodeError, match="exceeds the limit"):
         read_header(path.read_bytes(), max_pixels=1_000_000)
-    monkeypatch.setattr(stages, "decode_image", _never)
-    monkeypatch.setattr(stages, "read_header", lambda data: read_header(data, max_pixels=1_000_000))
+    monkeypatch.setattr(read_stage, "decode_image", _never)
+    monkeypatch.setattr(read_stage, "read_header", lambda data: read_header(data, max_pixels=1_000_000))
     read = read_batch(_batch([path]), SIZE, "none")
     assert read["decode_stage"][0] == "decode" and "exceeds the limit" in read["decode_error"][0]
 
@@ -150,17 +152,17 @@ def test_masks_are_decoded_once_per_dataset_version(tmp_path, photos, monkeypatc
     estimated = _batch(images[4:])
     first = read_batch(provided, SIZE, "provided"), read_batch(estimated, SIZE, "estimate")
     with monkeypatch.context() as patched:  # a nightly run of the same dataset decodes no mask
-        patched.setattr(stages, "decode_mask", _never)
-        patched.setattr(stages, "estimate_lesion_mask", _never)
+        patched.setattr(read_stage, "decode_mask", _never)
+        patched.setattr(lesion_masks, "estimate_lesion_mask", _never)
         again = read_batch(provided, SIZE, "provided"), read_batch(estimated, SIZE, "estimate")
     for before, after in zip(first, again):
         assert list(after["mask_bits"]) == list(before["mask_bits"]) and all(after["mask_bits"])
-    unpacked = stages.unpack_masks(first[0]["mask_bits"], SIZE)
+    unpacked = unpack_masks(first[0]["mask_bits"], SIZE)
     assert 0 < unpacked.mean() < 1
 
     Image.new("L", Image.open(masks[0]).size).save(masks[0])  # the dataset changes: an empty mask
     changed = read_batch(provided, SIZE, "provided")
-    assert not stages.unpack_masks(changed["mask_bits"], SIZE)[0].any()
+    assert not unpack_masks(changed["mask_bits"], SIZE)[0].any()
     assert list(changed["mask_bits"][1:]) == list(first[0]["mask_bits"][1:])
 
 

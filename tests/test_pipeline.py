@@ -31,9 +31,10 @@ from audit.explain.sanity import SANITY_FILE, SANITY_METHODS
 from audit.history import runs
 from audit.models import load_checkpoint, load_model
 from audit.models.checkpoint import save_random_checkpoint
+from audit.pipeline.read import read_batch
 from audit.pipeline.run import OUTPUT_DIR, Execution, RunError, count_rows, resume_audit, run_audit
 from audit.pipeline.schema import AGREEMENT_COLUMNS, EVIDENCE_COLUMNS, LOCALIZATION_COLUMNS, MAP_COLUMNS
-from audit.pipeline.stages import decode_rows, read_batch
+from audit.pipeline.stages import decode_rows
 
 IMAGES = 24
 BAD = {
@@ -196,6 +197,10 @@ def test_run_json(finished):
     assert len(info["model"]["sha256"]) == 64 and len(info["dataset"]["fingerprint"]) == 64
     assert info["versions"]["torch"] and info["versions"]["ray"]
     assert info["attempts"][0]["computed_rows"] == 48 and info["timings"]["seconds"] > 0
+    assert info["execution"] == {"device": "cpu", "precision": "fp32", "batch_size": 4}
+    first = info["attempts"][0]
+    assert 0 < first["first_batch_s"] < first["seconds"] and first["steady_images_per_s"] > 0
+    assert first["images"] == IMAGES  # every image of the manifest, the unreadable ones as error rows
     assert info["attempts"][0]["sanity_seconds"] > 0
     assert info["lease"]["pid"] == os.getpid() and info["lease"]["host"] == socket.gethostname()
     assert history.liveness(info, finished) == "finished"
@@ -394,6 +399,31 @@ def test_interrupted_driver_resumes_without_recomputing(dataset_dir, checkpoint,
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "complete"
     assert info["attempts"][-1]["computed_rows"] <= 26 - before  # finished rows were not recomputed
+
+
+def test_precision_auto_is_settled_by_the_device_once_and_kept_by_a_resume(checkpoint):
+    from types import SimpleNamespace
+
+    from audit.pipeline.run import settle_execution
+    from audit.pipeline.stages import explain_engine
+
+    def settled(precision, gpus, info=None, batch_size=None):
+        config = SimpleNamespace(precision=precision, batch_size=batch_size)
+        state = SimpleNamespace(config=config, info=info if info is not None else {}, save=lambda: None)
+        settle_execution(state, SimpleNamespace(gpus_per_actor=gpus))
+        return state.info["execution"]
+
+    assert settled("auto", 0) == {"device": "cpu", "precision": "fp32", "batch_size": 32}
+    assert settled("auto", 1.0) == {"device": "cuda", "precision": "bf16", "batch_size": 256}
+    assert settled("bf16", 0, batch_size=8) == {"device": "cpu", "precision": "bf16", "batch_size": 8}
+    resumed_on_a_cpu = settled("auto", 0, info={"execution": {"precision": "bf16"}})
+    assert resumed_on_a_cpu["precision"] == "bf16"
+    model = load_model(load_checkpoint(checkpoint))
+    dtypes = {
+        p: explain_engine(model, load_checkpoint(checkpoint), {"precision": p}).autocast_dtype
+        for p in ("fp32", "bf16", "auto")
+    }
+    assert dtypes == {"fp32": None, "bf16": torch.bfloat16, "auto": None}  # auto on a CPU: fp32
 
 
 def test_a_model_failure_is_isolated_to_its_image(ray_session, dataset_dir, checkpoint, finished):

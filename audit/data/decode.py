@@ -25,6 +25,9 @@ from PIL import Image, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 40_000_000  # 8x a 24-megapixel photo; HAM10000 images have 270,000
 ASPECT_TOLERANCE = 0.02
 JPEG_END = b"\xff\xd9"  # the end-of-image marker
+# The read stage's two payloads: a JPEG's bytes for the device decoder, or RGB pixels at the input size.
+JPEG = "jpeg"
+PIXELS = "pixels"
 
 
 class DecodeError(Exception):

@@ -1,6 +1,6 @@
 """Decode and resize images on the explain actor's device, from the bytes the read stage shipped.
 
-The read stage (:func:`audit.pipeline.stages.read_batch`) sends each image as one of two payloads:
+The read stage (:func:`audit.pipeline.read.read_batch`) sends each image as one of two payloads:
 
 * ``jpeg``: the file's bytes, for a baseline colour JPEG (:class:`audit.data.decode.Header`).
   They are decoded here in one batched call to torchvision's ``decode_jpeg`` on the device:
@@ -29,10 +29,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from audit.data.decode import DecodeError, decode_image, resize_rgb
-
-JPEG = "jpeg"
-PIXELS = "pixels"
+from audit.data.decode import JPEG, PIXELS, DecodeError, decode_image, resize_rgb
 
 
 def decode_on_device(

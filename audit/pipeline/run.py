@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from audit import history
@@ -46,8 +47,9 @@ from audit.models.anatomy import inspect_model
 from audit.models.checkpoint import Checkpoint
 from audit.models.source import ResolvedModel, check_request, module_root, resolve_model
 from audit.pipeline.cluster import check_reachable, plan_resources, ray_cluster
+from audit.pipeline.read import read_batch
 from audit.pipeline.schema import KEY, explanation_schema, to_table
-from audit.pipeline.stages import Explainer, one_line, read_batch
+from audit.pipeline.stages import Explainer, one_line
 
 RUN_FILE = history.RUN_FILE
 MANIFEST_FILE = "manifest.parquet"
@@ -55,6 +57,8 @@ OUTPUT_DIR = "explanations"
 REJECTED_FILE = "rejected.parquet"
 SANITY_SEED = 0
 MAX_PASSES = 3
+DEVICE_PRECISION = {"cuda": "bf16", "cpu": "fp32"}
+DEVICE_BATCH_SIZE = {"cuda": 256, "cpu": 32}
 
 
 class RunError(AuditError):
@@ -211,8 +215,12 @@ def _execute(state: RunState, execution: Execution) -> Path:
     began = time.perf_counter()
     try:
         with _Heartbeat(state, execution.heartbeat_s), ray_cluster(state.config.address, model_code_env(state.config)):
+            ready = time.perf_counter()
+            attempt["ray_ready_s"] = round(ready - began, 3)
             plan = plan_resources(state.config.actors)
             attempt["resources"] = plan.to_dict()
+            settle_execution(state, plan)
+            attempt["batch_size"] = state.info["execution"]["batch_size"]
             checkpoint_ref = ray.put(state.checkpoint_bytes)
             for _ in range(MAX_PASSES):
                 pending = _pending(state)
@@ -223,6 +231,8 @@ def _execute(state: RunState, execution: Execution) -> Path:
                 attempt["computed_rows"] += todo
                 with _Progress(_expected_rows(state), todo, enabled=execution.progress) as reporter:
                     _run_pass(state, pending, plan, checkpoint_ref, execution, reporter)
+                if attempt["passes"] == 1:
+                    attempt.update(reporter.timing(ready))
             if (
                 execution.mode == "explain"
                 and state.config.sanity_images
@@ -239,6 +249,24 @@ def _execute(state: RunState, execution: Execution) -> Path:
     return state.run_dir
 
 
+def settle_execution(state: RunState, plan) -> None:
+    """Fit ``auto`` options to the cluster's device: precision (bf16 on a GPU, fp32 on a CPU) is
+    settled once, when the run starts, and kept by every resume (it decides the rows); the batch
+    size (256 on a GPU, 32 on a CPU) may change between attempts. run.json ``execution``."""
+    config = state.config
+    device = "cuda" if plan.gpus_per_actor else "cpu"
+    settled = state.info.get("execution", {}).get("precision")
+    precision = settled or (config.precision if config.precision != "auto" else DEVICE_PRECISION[device])
+    batch_size = config.batch_size or DEVICE_BATCH_SIZE[device]
+    state.info["execution"] = {"device": device, "precision": precision, "batch_size": batch_size}
+    state.save()
+
+
+def actor_config(state: RunState) -> dict:
+    """The options the actors read: the config with its ``auto`` values settled."""
+    return {**state.config.to_dict(), **state.info["execution"]}
+
+
 def _run_pass(
     state: RunState, pending: pd.DataFrame, plan, checkpoint_ref, execution: Execution, progress: _Progress
 ) -> None:
@@ -252,11 +280,12 @@ def _run_pass(
     config = state.config
     # One block per batch, all the way down: each batch reaches the driver when it is explained,
     # not when a large block fills. (A Parquet source of small files is read as one block.)
-    dataset = ray.data.from_pandas(_batches(pending, config.batch_size))
+    batch_size = state.info["execution"]["batch_size"]
+    dataset = ray.data.from_pandas(_batches(pending, batch_size))
     decoded = dataset.map_batches(
         read_batch,
         fn_kwargs={"input_size": state.checkpoint.input_size, "masks": config.masks},
-        batch_size=config.batch_size,
+        batch_size=batch_size,
         batch_format="numpy",
         num_cpus=plan.decode_cpus,
     )
@@ -264,14 +293,14 @@ def _run_pass(
         Explainer,
         fn_constructor_kwargs={
             "checkpoint_ref": [checkpoint_ref],
-            "config": config.to_dict(),
+            "config": actor_config(state),
             "schema": state.schema,
             "threads": plan.torch_threads,
             "mode": execution.mode,
             "kill_after": execution.kill_worker_after,
             "delay": execution.batch_delay,
         },
-        batch_size=config.batch_size,
+        batch_size=batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=plan.actors),
         num_cpus=plan.cpus_per_actor,
@@ -280,7 +309,7 @@ def _run_pass(
     for table in explained.iter_batches(batch_size=None, batch_format="pyarrow"):
         if table.num_rows:
             write_batch(table, state.run_dir / OUTPUT_DIR)
-            progress.advance(table.num_rows)
+            progress.advance(table.num_rows, len(pc.unique(table.column("image_id"))))
 
 
 def model_code_env(config: RunConfig) -> dict | None:
@@ -315,7 +344,7 @@ def _run_sanity(state: RunState, plan, checkpoint_ref) -> float:
         max_retries=1,
     )
     try:
-        result = ray.get(task.remote([checkpoint_ref], state.config.to_dict(), rows, plan.torch_threads))
+        result = ray.get(task.remote([checkpoint_ref], actor_config(state), rows, plan.torch_threads))
     except Exception as exc:  # noqa: BLE001 - the run's rows stand; the report says the check did not run
         result = {"error": one_line(exc)}
     partial = state.run_dir / f".{SANITY_FILE}.tmp"
@@ -550,20 +579,37 @@ class _Progress:
 
     def __init__(self, total: int, todo: int, enabled: bool, every: float = 5.0) -> None:
         self.total, self.done, self.enabled, self.every = total, total - todo, enabled, every
-        self.new = 0
+        self.new = self.images = self.first_images = 0
+        self.first_batch = self.last_batch = None
 
     def __enter__(self) -> _Progress:
         self.began = self.last = time.perf_counter()
         return self
 
-    def advance(self, rows: int) -> None:
+    def advance(self, rows: int, images: int) -> None:
         self.new += rows
+        self.images += images
+        self.last_batch = time.perf_counter()
+        if self.first_batch is None:
+            self.first_batch, self.first_images = self.last_batch, images
         if time.perf_counter() - self.last >= self.every:
             self._report()
 
     def __exit__(self, *exc: object) -> None:
         if exc[0] is None:
             self._report()
+
+    def timing(self, ready: float) -> dict:
+        """Seconds from Ray being up to the first written batch, and the rate after it (images/s)."""
+        if self.first_batch is None:
+            return {}
+        after = self.last_batch - self.first_batch
+        steady = (self.images - self.first_images) / after if after > 0 else None
+        return {
+            "first_batch_s": round(self.first_batch - ready, 3),
+            "steady_images_per_s": round(steady, 3) if steady else None,
+            "images": self.images,
+        }
 
     def _report(self) -> None:
         import sys

@@ -1,7 +1,8 @@
-"""The two stages of the Ray Data job: decode (CPU tasks) and explain (GPU or CPU actors).
+"""The explain stage of the Ray Data job (GPU or CPU actors), after the read stage (:mod:`audit.pipeline.read`).
 
 Both catch failures per row: a bad image or mask becomes an error row with its stage and
-reason, and the rest of its batch carries on. Images stay uint8 until the actor's device.
+reason, and the rest of its batch carries on. Images arrive encoded and are decoded on the
+actor's device (:mod:`audit.data.device_decode`); they stay uint8 until the model's input.
 """
 
 from __future__ import annotations
@@ -10,19 +11,14 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from audit.data.decode import DecodeError, decode_image, decode_mask, read_header, resize_mask, resize_rgb
-from audit.data.device_decode import JPEG, PIXELS, decode_on_device
+from audit.data.device_decode import decode_on_device
 from audit.data.manifest import BOX_COLUMNS
-from audit.data.mask_cache import MaskCache, cache_folder
-from audit.data.masks import estimate_lesion_mask
-from audit.data.storage import StorageError, read_bytes
 from audit.errors import first_line
 from audit.explain.engine import ExplainEngine, Explanation
 from audit.explain.evidence import NO_MASK_NOTE, evidence_kinds, gather_evidence
@@ -30,62 +26,10 @@ from audit.explain.methods import METHODS
 from audit.explain.metrics import MetricSettings, score_batch
 from audit.explain.sanity import SanityCheck
 from audit.models.checkpoint import Checkpoint, checkpoint_from_bytes, load_model
+from audit.pipeline.read import read_batch, unpack_masks
 from audit.pipeline.schema import to_table
 
 PASS_THROUGH_SKIP = {"kinds", "payload", "payload_kind", "mask_bits", "mask_source", "decode_stage", "decode_error"}
-
-
-def read_batch(batch: dict[str, np.ndarray], input_size: tuple[int, int], masks: str) -> dict[str, np.ndarray]:
-    """Read each image's bytes and header, and its mask at ``input_size``; failures become reasons.
-
-    What leaves is small and cheap to make: a baseline JPEG's encoded bytes (decoded on the
-    explain actor's device, :mod:`audit.data.device_decode`), other images decoded here and
-    resized without cropping; a mask as one bit per pixel, from the mask cache
-    (:mod:`audit.data.mask_cache`) when this dataset version was read before. Decompression
-    bombs are refused from the header, before any pixel is decoded.
-    """
-    n = len(batch["image_id"])
-    cache = MaskCache(cache_folder(), input_size)
-    payload = np.full(n, b"", dtype=object)
-    kind = np.full(n, "", dtype=object)
-    bits = np.full(n, b"", dtype=object)
-    source = np.full(n, "none", dtype=object)
-    # "" rather than None: a column of nothing but nulls does not survive Ray's Arrow round trip as None
-    stage = np.full(n, "", dtype=object)
-    error = np.full(n, "", dtype=object)
-    for i in range(n):
-        path = batch["path"][i]
-        try:
-            data = _read(path)
-            header = read_header(data)
-            pixels = None if header.device_decodable else resize_rgb(decode_image(data), input_size)
-        except DecodeError as exc:
-            stage[i], error[i] = "decode", str(exc)
-            continue
-        payload[i], kind[i] = (data, JPEG) if pixels is None else (pixels.tobytes(), PIXELS)
-        mask_path = batch["mask_path"][i]  # a str, or None: the Manifest's one form of a missing mask
-        try:
-            if mask_path and masks in ("auto", "provided"):
-                mask = cache.provided(mask_path, header.size, partial(_mask, mask_path, header.size, input_size))
-                source[i] = "provided"
-            elif masks == "estimate" or (masks == "auto" and not mask_path):
-                mask = cache.estimated(path, partial(_estimate, data, pixels, input_size))
-                source[i] = "estimated"
-        except (DecodeError, StorageError) as exc:
-            stage[i], error[i] = "mask", str(exc)
-            continue
-        if source[i] != "none":
-            bits[i] = np.packbits(mask).tobytes()
-    out = dict(batch)
-    out.update(
-        payload=payload,
-        payload_kind=kind,
-        mask_bits=bits,
-        mask_source=source,
-        decode_stage=stage,
-        decode_error=error,
-    )
-    return out
 
 
 def decode_rows(
@@ -105,35 +49,6 @@ def decode_rows(
     for position, reason in failed.items():
         errors[readable[position]] = reason
     return images, unpack_masks(batch["mask_bits"], size), errors
-
-
-def unpack_masks(bits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(N, h, w) bool from one packed bit string per row ("" where a row has no mask)."""
-    h, w = size
-    masks = np.zeros((len(bits), h, w), dtype=bool)
-    for i, packed in enumerate(bits):
-        if packed:
-            masks[i] = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=h * w).reshape(h, w)
-    return masks
-
-
-def _read(location: str) -> bytes:
-    try:
-        data = read_bytes(location)
-    except StorageError as exc:
-        raise DecodeError(str(exc)) from exc
-    if not data:
-        raise DecodeError("empty file (0 bytes)")
-    return data
-
-
-def _mask(location: str, image_size: tuple[int, int], input_size: tuple[int, int]) -> np.ndarray:
-    return resize_mask(decode_mask(_read(location), image_size), input_size)
-
-
-def _estimate(data: bytes, pixels: np.ndarray | None, input_size: tuple[int, int]) -> np.ndarray:
-    """The estimated lesion mask, always on Pillow's pixels: a cached estimate equals a fresh one."""
-    return estimate_lesion_mask(resize_rgb(decode_image(data), input_size) if pixels is None else pixels)
 
 
 @dataclass(frozen=True)
@@ -297,15 +212,18 @@ def load_actor_model(checkpoint_ref: list, threads: int | None) -> tuple[Checkpo
 
 
 def explain_engine(model: torch.nn.Module, checkpoint: Checkpoint, config: dict) -> ExplainEngine:
-    """The run's engine for ``model``: the run's target layer and options, bfloat16 on a GPU."""
+    """The run's engine for ``model``: the run's target layer and options, in the run's precision
+    (``fp32``, or ``bf16`` autocast; ``auto``, outside a run: bf16 on a GPU)."""
     on_gpu = next(model.parameters()).device.type == "cuda"
+    precision = config.get("precision", "auto")
+    bf16 = precision == "bf16" or (precision == "auto" and on_gpu)
     return ExplainEngine(
         model,
         checkpoint.input_size,
         target_layer=config.get("target_layer"),
         classifier=config.get("classifier"),
         gradcampp_eps=config.get("gradcampp_eps", 0.0),
-        autocast_dtype=torch.bfloat16 if on_gpu else None,
+        autocast_dtype=torch.bfloat16 if bf16 else None,
     )
 
 
@@ -321,7 +239,7 @@ def sanity_task(checkpoint_ref: list, config: dict, rows: dict[str, np.ndarray],
         return {"error": "no sampled image could be decoded"}
     mean = torch.tensor(checkpoint.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(checkpoint.std, device=device).view(1, 3, 1, 1)
-    check = SanityCheck(explain_engine(model, checkpoint, config), chunk=config.get("batch_size", 32))
+    check = SanityCheck(explain_engine(model, checkpoint, config), chunk=config.get("batch_size") or 32)
     result = check(model_input(images[torch.from_numpy(usable).to(device)], mean, std)).to_dict()
     result["image_ids"] = [str(i) for i in np.asarray(rows["image_id"])[usable]]
     result["device"] = device.type

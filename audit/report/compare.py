@@ -294,10 +294,13 @@ def differences(baseline: RunData, run: RunData, thresholds: Thresholds) -> list
     options = ("masks", "evidence", "limit", "gradcampp_eps", "grid", "topk", "delta")
     changed = [k for k in options if bc.get(k) != rc.get(k)]
     changed += [k for k in ("target_layer",) if bm.get(k) != rm.get(k)]
+    settled = {"precision": (run_precision(b), run_precision(r))}
+    changed += [k for k, (before, after) in settled.items() if before != after]
     if changed:
+        values = {k: (bc.get(k, bm.get(k)), rc.get(k, rm.get(k))) for k in changed} | settled
         notes.append(
             "computed with different options: "
-            + ", ".join(f"{k} {bc.get(k, bm.get(k))!r} -> {rc.get(k, rm.get(k))!r}" for k in changed)
+            + ", ".join(f"{k} {values[k][0]!r} -> {values[k][1]!r}" for k in changed)
         )
     own = Thresholds.from_dict(bc.get("thresholds") or {})
     if own != thresholds:
@@ -307,6 +310,18 @@ def differences(baseline: RunData, run: RunData, thresholds: Thresholds) -> list
         if data.get("status") != "complete":
             notes.append(f"the {name} is {data.get('status', 'unknown')}: its rates cover the rows it holds")
     return notes
+
+
+def run_precision(info: dict) -> str | None:
+    """The arithmetic a run's maps were computed in: run.json ``execution``; for runs from before
+    it was recorded, what the device implied then (bf16 autocast on a GPU, fp32 on a CPU)."""
+    settled = info.get("execution", {}).get("precision")
+    if settled:
+        return settled
+    resources = [a.get("resources") for a in info.get("attempts", []) if a.get("resources")]
+    if not resources:
+        return None
+    return "bf16" if resources[0].get("gpus_per_actor") else "fp32"
 
 
 def _key(key: tuple[str, str]) -> str:
