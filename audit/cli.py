@@ -637,14 +637,30 @@ def bench_engine_command(
     type=click.IntRange(min=8),
     help="the small dataset; the large one is 4x",
 )
-@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=32))
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=32), help="the model's input")
+@click.option(
+    "--photo-size",
+    default="600x450",
+    show_default=True,
+    help="the synthetic photographs, WIDTHxHEIGHT (HAM10000's size by default)",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), help="[default: 256 on a GPU, 32 on a CPU]")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def bench_pipeline_command(arch: str, images: int, image_size: int, batch_size: int, as_json: bool) -> None:
-    """Throughput of the whole job vs a forward-only job, and peak memory at two dataset sizes."""
+def bench_pipeline_command(
+    arch: str, images: int, image_size: int, photo_size: str, batch_size: int | None, as_json: bool
+) -> None:
+    """The whole job vs a forward-only job: end-to-end and steady-state images/s, time to the first
+    batch, decoding per image, GPU utilisation, and peak memory at two dataset sizes."""
     from audit.pipeline.bench import bench_pipeline, format_pipeline_bench
 
-    result = bench_pipeline(arch=arch, images=images, image_size=image_size, batch_size=batch_size)
+    width, _, height = photo_size.lower().partition("x")
+    if not (width.isdigit() and height.isdigit() and int(width) >= 32 and int(height) >= 32):
+        raise click.BadParameter(
+            f"expected WIDTHxHEIGHT of at least 32x32, got {photo_size!r}", param_hint="--photo-size"
+        )
+    result = bench_pipeline(
+        arch=arch, images=images, image_size=image_size, batch_size=batch_size, photo_size=(int(height), int(width))
+    )
     click.echo(json.dumps(result.to_dict()) if as_json else format_pipeline_bench(result))
 
 

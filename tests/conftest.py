@@ -67,7 +67,9 @@ def ray_session(tmp_path_factory):
 
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, logging_level="WARNING")
+    # No GPUs: the suite's runs are CPU runs on every machine, so their expectations (fp32, the
+    # CPU's batch size) hold where a GPU is present too; the GPU paths have tests of their own.
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, _temp_dir=temp_dir, logging_level="WARNING")
     yield
     ray.shutdown()
 
@@ -103,6 +105,7 @@ def ray_head(tmp_path):
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
             "--num-cpus=2",
+            "--num-gpus=0",
             "--include-dashboard=true",
             "--disable-usage-stats",
             f"--temp-dir={temp_dir}",

@@ -28,7 +28,9 @@ def test_bench_engine_json_has_the_ratios():
     assert report["ratio_vs_forward"] > 0 and report["speedup_vs_peers"] > 0
     assert report["evidence_ms"] > 0 and report["evidence_vs_forward"] == report["evidence_ms"] / report["forward_ms"]
     assert set(report["peer_ms"]) == {"pytorch-grad-cam GradCAM", "pytorch-grad-cam GradCAMPlusPlus", "torchcam CAM"}
-    assert report["device"] == "cpu" and report["dtype"] == "float32"
+    on_gpu = torch.cuda.is_available()  # the default device: cuda with bfloat16 autocast where there is one
+    assert report["device"] == ("cuda" if on_gpu else "cpu")
+    assert report["dtype"] == ("bfloat16 autocast" if on_gpu else "float32")
 
 
 def test_bench_engine_text_without_peers():

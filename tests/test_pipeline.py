@@ -462,22 +462,28 @@ def test_resource_plan_leaves_cpu_for_decoding(ray_session):
 
     plan = plan_resources()
     assert plan.actors == 1 and plan.gpus_per_actor == 0
-    assert plan.cpus_per_actor + plan.decode_cpus <= 2 and plan.torch_threads >= 1
+    assert plan.cpus_per_actor + plan.read_cpus <= 2 and plan.torch_threads >= 1
     assert plan_resources(actors=3).actors == 3
 
 
 def test_bench_pipeline_reports_throughput_and_memory(ray_session, tmp_path):
     from audit.pipeline.bench import bench_pipeline
 
-    result = bench_pipeline(images=8, image_size=32, batch_size=8, workdir=tmp_path)
-    assert result.images == result.large_images == 32
+    cache = os.environ.get("CAM_AUDIT_CACHE")
+    result = bench_pipeline(images=8, image_size=32, batch_size=8, photo_size=(48, 64), workdir=tmp_path)
+    assert result.images == result.large_images == 32 and result.photo_size == [48, 64]
     assert result.explain_images_per_s > 0 and result.forward_images_per_s > 0
+    assert result.explain_steady_images_per_s > 0 and result.forward_steady_images_per_s > 0
+    assert 0 < result.first_batch_s
+    assert 0 < result.decode_ms_per_image and 0 < result.pillow_decode_ms_per_image
+    assert result.gpu_utilisation is None if not torch.cuda.is_available() else result.gpu_utilisation >= 0
     assert result.ratio_vs_forward == pytest.approx(result.explain_images_per_s / result.forward_images_per_s, rel=0.01)
     assert result.default_vs_forward == pytest.approx(
         result.default_images_per_s / result.forward_images_per_s, rel=0.01
     )
     assert result.peak_rss_mb_small > 0 and result.memory_growth > 0
-    assert not list(tmp_path.iterdir())  # its datasets and runs are cleaned up
+    assert not list(tmp_path.iterdir())  # its datasets, runs and mask cache are cleaned up
+    assert os.environ.get("CAM_AUDIT_CACHE") == cache  # and the session's cache setting restored
 
 
 def test_manifest_with_boxes_gets_loc_delta(ray_session, dataset_dir, checkpoint, tmp_path):

@@ -3,9 +3,10 @@
 The read stage (:func:`audit.pipeline.read.read_batch`) sends each image as one of two payloads:
 
 * ``jpeg``: the file's bytes, for a baseline colour JPEG (:class:`audit.data.decode.Header`).
-  They are decoded here in one batched call to torchvision's ``decode_jpeg`` on the device:
-  nvJPEG on CUDA, libjpeg-turbo on the CPU. Bytes it refuses (a corrupt stream) are decoded by
-  Pillow (:func:`audit.data.decode.decode_image`), whose reason becomes the row's error;
+  They are decoded here by torchvision's ``decode_jpeg`` on the device: on CUDA in one batched
+  call to nvJPEG; on the CPU with libjpeg-turbo, image by image on torch's threads. Bytes it
+  refuses (a corrupt stream) are decoded by Pillow (:func:`audit.data.decode.decode_image`),
+  whose reason becomes the row's error;
 * ``pixels``: RGB uint8 already at the input size, for everything else (PNG, grayscale, CMYK,
   16-bit, progressive or truncated JPEGs), decoded by Pillow in the read stage.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -43,18 +45,15 @@ def decode_on_device(
     errors: dict[int, str] = {}
     pixels: dict[int, np.ndarray] = {}
     jpegs = [i for i, kind in enumerate(kinds) if kind == JPEG]
-    by_shape: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = defaultdict(list)
-    for i, decoded in zip(jpegs, decode_jpegs([payloads[i] for i in jpegs], device)):
+    decode = _decode_on_cpu if device.type == "cpu" else _decode_batched
+    for i, decoded in zip(jpegs, decode([payloads[i] for i in jpegs], size, device)):
         if decoded is not None:
-            by_shape[tuple(decoded.shape[-2:])].append((i, decoded))
+            images[i] = decoded
             continue
         try:
             pixels[i] = resize_rgb(decode_image(bytes(payloads[i])), size)
         except DecodeError as exc:
             errors[i] = str(exc)
-    for rows in by_shape.values():
-        indices = torch.tensor([i for i, _ in rows], device=device)
-        images[indices] = resize_on_device(torch.stack([image for _, image in rows]), size)
     for i, kind in enumerate(kinds):
         if kind == PIXELS:
             pixels[i] = np.frombuffer(payloads[i], dtype=np.uint8).reshape(h, w, 3)
@@ -85,8 +84,7 @@ def resize_on_device(images: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
     if tuple(images.shape[-2:]) == tuple(size):
         return images
     if images.device.type == "cpu":
-        channels_last = images.contiguous(memory_format=torch.channels_last)
-        return F.interpolate(channels_last, size=size, mode="bilinear", antialias=True).contiguous()
+        return F.interpolate(images, size=size, mode="bilinear", antialias=True)
     return resize_float(images, size)
 
 
@@ -94,6 +92,36 @@ def resize_float(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """The float form of :func:`resize_on_device` (devices without torch's uint8 kernel)."""
     resized = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True)
     return resized.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _decode_batched(payloads: Sequence[bytes], size: tuple[int, int], device: torch.device) -> list:
+    """A GPU: one batched decode, then one resize per group of images of the same size."""
+    decoded = decode_jpegs(payloads, device)
+    by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for position, image in enumerate(decoded):
+        if image is not None:
+            by_shape[tuple(image.shape[-2:])].append(position)
+    out: list[torch.Tensor | None] = [None] * len(payloads)
+    for positions in by_shape.values():
+        resized = resize_on_device(torch.stack([decoded[p] for p in positions]), size)
+        for position, image in zip(positions, resized):
+            out[position] = image
+    return out
+
+
+def _decode_on_cpu(payloads: Sequence[bytes], size: tuple[int, int], device: torch.device) -> list:
+    """A CPU: each image decoded and resized on its own (no full-size batch is copied), on as many
+    threads as torch uses (libjpeg-turbo and the resize release the GIL)."""
+
+    def one(data: bytes) -> torch.Tensor | None:
+        (image,) = decode_jpegs([data], device)
+        return None if image is None else resize_on_device(image[None], size)[0]
+
+    workers = max(1, min(torch.get_num_threads(), len(payloads)))
+    if workers == 1:
+        return [one(data) for data in payloads]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, payloads))
 
 
 def _decode(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:

@@ -55,7 +55,7 @@ class ResourcePlan:
     """How many explain actors, and what each reserves.
 
     GPUs: one actor per GPU (``num_gpus=1``). CPU only: one actor per node, reserving one CPU
-    and running torch on all but one of the node's cores (at least one), so the decode tasks
+    and running torch on all but one of the node's cores (at least one), so the read tasks
     always find a free CPU and the job cannot starve itself (ray-project/ray#44687).
     """
 
@@ -63,7 +63,7 @@ class ResourcePlan:
     gpus_per_actor: float
     cpus_per_actor: float
     torch_threads: int
-    decode_cpus: float
+    read_cpus: float
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()

@@ -1,4 +1,4 @@
-"""`audit run`: manifest -> decode -> explain actors -> Parquet, resumable, nothing lost.
+"""`audit run`: manifest -> read tasks -> explain actors (decode on the device) -> Parquet, resumable, nothing lost.
 
 Exactly once, by construction rather than by trust in the executor:
 
@@ -11,7 +11,7 @@ Exactly once, by construction rather than by trust in the executor:
   retried by Ray Data. The driver writes each explained batch as it arrives, atomically (a
   temporary file renamed) and named by a hash of its keys, so a batch delivered twice lands
   once, and finished batches are on disk however the run ends. (Ray Data's ``write_parquet``
-  was the first design: its write tasks queued behind the decode tasks on small machines and
+  was the first design: its write tasks queued behind the read tasks on small machines and
   wrote at the end, and a local path written from worker nodes needs a shared filesystem.
   Explanation rows are small, a few hundred bytes, so the driver is no bottleneck.);
 * the driver repeats until no key is pending (a resumed run is just another pass), then counts:
@@ -282,14 +282,14 @@ def _run_pass(
     # not when a large block fills. (A Parquet source of small files is read as one block.)
     batch_size = state.info["execution"]["batch_size"]
     dataset = ray.data.from_pandas(_batches(pending, batch_size))
-    decoded = dataset.map_batches(
+    read = dataset.map_batches(
         read_batch,
         fn_kwargs={"input_size": state.checkpoint.input_size, "masks": config.masks},
         batch_size=batch_size,
         batch_format="numpy",
-        num_cpus=plan.decode_cpus,
+        num_cpus=plan.read_cpus,
     )
-    explained = decoded.map_batches(
+    explained = read.map_batches(
         Explainer,
         fn_constructor_kwargs={
             "checkpoint_ref": [checkpoint_ref],
