@@ -59,6 +59,19 @@ def test_ham10000_kaggle_layout(tmp_path):
     assert dataset.class_names["df"] == "Dermatofibroma"
 
 
+@pytest.mark.parametrize("kind", ["ham10000", "imagefolder"])
+def test_a_relative_data_dir_gives_paths_to_the_files(tmp_path, monkeypatch, kind):
+    """The rows name the files from any working directory (Ray workers have their own)."""
+    if kind == "ham10000":
+        _ham(tmp_path / "data" / "ham", ROWS)
+    else:
+        for name in ("a", "b"):
+            _jpeg(tmp_path / "data" / "ham" / name / "x.jpg")
+    monkeypatch.chdir(tmp_path / "data")
+    manifest = load_dataset(kind, "ham").manifest
+    assert manifest["path"].map(os.path.isabs).all() and manifest["path"].map(os.path.isfile).all()
+
+
 @pytest.mark.parametrize("folders", [("HAM10000_images_part1", "HAM10000_images_part2"), (".",), ("images",)])
 def test_ham10000_dataverse_and_flat_layouts(tmp_path, folders):
     dataset = load_dataset("ham10000", _ham(tmp_path / "ham", ROWS, folders=folders))

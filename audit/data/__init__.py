@@ -27,6 +27,10 @@ def load_dataset(
     ``ham10000`` and ``synthetic`` default to :func:`default_data_dir`; ``synthetic`` is
     generated there with the default spec when the folder holds no dataset yet.
     """
+    # Absolute from here on: a loader joins its root with file names, and the rows' paths must
+    # name the same files from any working directory (Ray workers have their own).
+    data_dir = Path(data_dir).absolute() if data_dir else None
+    mask_dir = Path(mask_dir).absolute() if mask_dir else None
     if name == "ham10000":
         return load_ham10000(Path(data_dir) if data_dir else default_data_dir("ham10000"))
     if name == "synthetic":
