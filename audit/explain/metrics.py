@@ -96,9 +96,17 @@ def average_ranks(x: Tensor) -> Tensor:
 
 def spearman(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Row-wise Spearman correlation of (N, n) tensors; undefined where a row is constant."""
-    ra, rb = average_ranks(a), average_ranks(b)
-    ra = ra - ra.mean(dim=-1, keepdim=True)
-    rb = rb - rb.mean(dim=-1, keepdim=True)
+    return ranked_correlation(centred_ranks(a), centred_ranks(b))
+
+
+def centred_ranks(x: Tensor) -> Tensor:
+    """:func:`average_ranks` minus their row mean: computed once per map, shared by its pairs."""
+    ranks = average_ranks(x)
+    return ranks - ranks.mean(dim=-1, keepdim=True)
+
+
+def ranked_correlation(ra: Tensor, rb: Tensor) -> tuple[Tensor, Tensor]:
+    """Pearson correlation of centred ranks: Spearman's rho, and where it is defined."""
     norm = (ra.square().sum(-1) * rb.square().sum(-1)).sqrt()
     defined = norm > 0
     rho = (ra * rb).sum(-1) / torch.where(defined, norm, torch.ones_like(norm))
@@ -125,12 +133,14 @@ def agreement(maps: dict[str, Tensor], empty: dict[str, Tensor], settings: Metri
     scores = Scores({}, {})
     grid = (settings.grid, settings.grid)
     flat = {name: upsample(m, grid).flatten(1) for name, m in maps.items()}
+    ranks = {name: centred_ranks(values) for name, values in flat.items()}
+    top = {name: top_region(values, settings.topk) for name, values in flat.items()}
     for a, b in METHOD_PAIRS:
         if a not in flat or b not in flat:
             continue
         both = ~empty[a] & ~empty[b]
-        rho, rho_defined = spearman(flat[a], flat[b])
-        overlap, overlap_defined = iou(top_region(flat[a], settings.topk), top_region(flat[b], settings.topk))
+        rho, rho_defined = ranked_correlation(ranks[a], ranks[b])
+        overlap, overlap_defined = iou(top[a], top[b])
         scores.add(f"agree_spearman_{a}_{b}", rho, rho_defined & both)
         scores.add(f"agree_topk_iou_{a}_{b}", overlap, overlap_defined & both)
     return scores

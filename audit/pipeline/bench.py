@@ -8,7 +8,9 @@ default) and one random-init model, in one Ray session:
   computing predictions only, and of the job as ``audit run`` runs it by default (with the
   evidence by intervention and the sanity check). End to end is the job's wall clock, actor
   start-up included; steady state is the rate after the first written batch;
-* start-up: seconds from Ray being up to the first written batch (run.json ``attempts``);
+* start-up: seconds from Ray being up to the first written batch (run.json ``attempts``), after
+  an untimed small run has started Ray's worker processes (a fresh ``audit run`` also pays
+  ``ray.init``, which the CLI's own timings show);
 * decoding, per image, on one core: today's read stage plus the device decoder
   (:mod:`audit.data.device_decode`) with the mask cache warm and cold, against Pillow decoding
   and resizing image and mask (the read stage before the device decoder);
@@ -128,6 +130,8 @@ def _bench(arch, images, image_size, batch_size, photo_size, root: Path) -> Pipe
     maps_only = {"evidence": "none", "sanity_images": 0}
     gpu = _GpuSampler()
     with ray_cluster(None):
+        # Untimed: Ray's first worker processes start here, not inside whichever job comes first.
+        run_audit(config(small, limit=min(images, batch_size or 32), **maps_only), Execution(progress=False))
         with gpu:
             explain_dir, explain_s = _timed(lambda: run_audit(config(large, **maps_only), Execution(progress=False)))
         forward_dir, forward_s = _timed(lambda: run_audit(config(large), Execution(progress=False, mode="forward")))
