@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from audit.data.storage import StorageError, is_uri, read_bytes
+
 DEFAULT_MAX_PIXELS = 40_000_000  # 8x a 24-megapixel photo; HAM10000 images have 270,000
 ASPECT_TOLERANCE = 0.02
 JPEG_END = b"\xff\xd9"  # the end-of-image marker
@@ -35,7 +37,7 @@ class DecodeError(Exception):
 
 
 def decode_image(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """RGB uint8 array (H, W, 3) from a path or encoded bytes."""
+    """RGB uint8 array (H, W, 3) from a path, a URI (:mod:`audit.data.storage`) or encoded bytes."""
     with _open(source, max_pixels) as image:
         return _to_rgb(image)
 
@@ -94,6 +96,11 @@ def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:
 
 
 def _open(source: str | os.PathLike | bytes, max_pixels: int) -> Image.Image:
+    if not isinstance(source, bytes) and is_uri(source):  # object storage: read through pyarrow's filesystems
+        try:
+            source = read_bytes(source)
+        except StorageError as exc:
+            raise DecodeError(str(exc)) from exc
     try:
         if isinstance(source, bytes):
             if not source:
