@@ -306,7 +306,8 @@ def _run_pass(
         num_cpus=plan.cpus_per_actor,
         num_gpus=plan.gpus_per_actor or None,
     )
-    for table in explained.iter_batches(batch_size=None, batch_format="pyarrow"):
+    # prefetch_batches=0: a batch is written as soon as it is explained, not when the next one is
+    for table in explained.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         if table.num_rows:
             write_batch(table, state.run_dir / OUTPUT_DIR)
             progress.advance(table.num_rows, len(pc.unique(table.column("image_id"))))
