@@ -474,6 +474,7 @@ def test_bench_pipeline_reports_throughput_and_memory(ray_session, tmp_path):
     assert result.images == result.large_images == 32 and result.photo_size == [48, 64]
     assert result.explain_images_per_s > 0 and result.forward_images_per_s > 0
     assert result.explain_steady_images_per_s > 0 and result.forward_steady_images_per_s > 0
+    assert result.device == "cpu"  # the session's Ray has no GPU
     assert 0 < result.first_batch_s
     assert 0 < result.decode_ms_per_image and 0 < result.pillow_decode_ms_per_image
     assert result.gpu_utilisation is None if not torch.cuda.is_available() else result.gpu_utilisation >= 0

@@ -138,6 +138,7 @@ def _bench(arch, images, image_size, batch_size, photo_size, root: Path) -> Pipe
         small_peak, _ = _peak_rss(lambda: run_audit(config(small), Execution(progress=False)))
         large_peak, default_s = _peak_rss(lambda: run_audit(config(large), Execution(progress=False)))
     explain_attempt, forward_attempt = (_first_attempt(d) for d in (explain_dir, forward_dir))
+    device = json.loads((explain_dir / "run.json").read_text())["execution"]["device"]
     explain_rate, forward_rate, default_rate = (4 * images / t for t in (explain_s, forward_s, default_s))
     return PipelineBenchResult(
         arch=arch,
@@ -159,7 +160,7 @@ def _bench(arch, images, image_size, batch_size, photo_size, root: Path) -> Pipe
         large_images=4 * images,
         memory_growth=round(large_peak / small_peak, 3),
         gpu_utilisation=gpu.mean(),
-        device="cuda" if torch.cuda.is_available() else "cpu",
+        device=device,
     )
 
 
