@@ -239,8 +239,10 @@ def read_config_file(path: Path) -> dict:
             _check_type(key, value, hints[key])
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+    from audit.data.storage import is_uri  # the data package loads pandas: not for every command
+
     for key in _path_keys(data.get("model")):
-        if isinstance(data.get(key), str):
+        if isinstance(data.get(key), str) and not is_uri(data[key]):
             data[key] = str((path.parent / Path(data[key]).expanduser()).resolve())
     return data
 
@@ -348,4 +350,6 @@ def _with_hint(key: str, known: list[str]) -> str:
 
 
 def _absolute(value: str | None) -> str | None:
-    return str(Path(value).expanduser().resolve()) if value else value
+    from audit.data.storage import is_uri
+
+    return str(Path(value).expanduser().resolve()) if value and not is_uri(value) else value

@@ -24,6 +24,48 @@ from audit.models import build_model
 os.environ["CAM_AUDIT_CACHE"] = tempfile.mkdtemp(prefix="cam-audit-test-cache-")
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# Object storage: an S3 server (moto) on 127.0.0.1, started by the `s3` fixture. Its address and
+# test credentials are in the environment from the start, so the session's Ray workers have them
+# too; no request ever leaves 127.0.0.1 (no instance metadata, no default endpoint).
+S3_PORT = _free_port()
+os.environ.update(
+    AWS_ACCESS_KEY_ID="cam-audit-test",
+    AWS_SECRET_ACCESS_KEY="cam-audit-test",
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}",
+    AWS_EC2_METADATA_DISABLED="true",
+)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """The S3 server's filesystem (pyarrow), with buckets created as they are written to."""
+    import pyarrow.fs as pafs
+
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(S3_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", S3_PORT), timeout=1).close()
+            break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "moto_server did not start"
+            time.sleep(0.2)
+    yield pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{S3_PORT}", scheme="http", allow_bucket_creation=True)
+    server.terminate()
+    server.wait(timeout=10)
+
+
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     torch.manual_seed(0)
@@ -72,12 +114,6 @@ def ray_session(tmp_path_factory):
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, _temp_dir=temp_dir, logging_level="WARNING")
     yield
     ray.shutdown()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from audit.data.ham10000 import load_ham10000
 from audit.data.imagefolder import load_imagefolder
 from audit.data.manifest import Dataset, DatasetError
 from audit.data.manifest_file import load_manifest_file
+from audit.data.storage import is_uri
 from audit.data.synthetic import DEFAULT_SPEC, SPEC_FILE, generate
 
 DATASETS = ("ham10000", "imagefolder", "manifest", "synthetic")
@@ -29,6 +30,10 @@ def load_dataset(
     """
     # Absolute from here on: a loader joins its root with file names, and the rows' paths must
     # name the same files from any working directory (Ray workers have their own).
+    if data_dir and is_uri(data_dir):
+        if name != "manifest":
+            raise DatasetError(f"--dataset {name} reads a local folder; a dataset on object storage is a manifest file")
+        return load_manifest_file(str(data_dir), classes)
     data_dir = Path(data_dir).absolute() if data_dir else None
     mask_dir = Path(mask_dir).absolute() if mask_dir else None
     if name == "ham10000":

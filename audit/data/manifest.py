@@ -14,13 +14,16 @@ them as error rows and ``audit data check`` can list them.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import pandas as pd
 
+from audit.data.storage import StorageError, is_uri, read_bytes, uri_inside
 from audit.errors import AuditError, first_line
 
 CORE_COLUMNS = ("image_id", "path", "label", "label_name", "mask_path", "group")
@@ -37,7 +40,7 @@ class Dataset:
     """A loaded dataset: the manifest of usable rows, the rejected rows, and what it is."""
 
     name: str
-    root: Path
+    root: Path | str  # a folder, or a URI on object storage
     classes: tuple[str, ...]
     manifest: pd.DataFrame
     rejected: pd.DataFrame
@@ -45,13 +48,18 @@ class Dataset:
     warnings: list[str] = field(default_factory=list)
 
 
-def resolve_inside(root: Path, candidate: str | os.PathLike) -> Path | None:
+def resolve_inside(root: Path | str, candidate: str | os.PathLike) -> Path | str | None:
     """``candidate`` (relative to ``root``, or absolute) resolved, or None when it escapes ``root``.
 
     Symbolic links are followed before the check, so a link that points out of the root is
-    refused like ``../``.
+    refused like ``../``. A root on object storage (a URI) holds URIs under its prefix
+    (:func:`audit.data.storage.uri_inside`); a local root holds no URI.
     """
-    root = root.resolve()
+    if is_uri(root):
+        return uri_inside(str(root), str(candidate))
+    if is_uri(candidate):
+        return None
+    root = Path(root).resolve()
     path = Path(candidate)
     resolved = (path if path.is_absolute() else root / path).resolve()
     if resolved != root and root not in resolved.parents:
@@ -59,20 +67,30 @@ def resolve_inside(root: Path, candidate: str | os.PathLike) -> Path | None:
     return resolved
 
 
-def read_table(path: Path) -> tuple[pd.DataFrame, list[str]]:
-    """A CSV (UTF-8 with or without BOM; Latin-1 as a fallback, with a warning) or Parquet file."""
+def read_table(path: Path | str) -> tuple[pd.DataFrame, list[str]]:
+    """A CSV (UTF-8 with or without BOM; Latin-1 as a fallback, with a warning) or Parquet file,
+    local or on object storage."""
     warnings: list[str] = []
-    if path.suffix.lower() in (".parquet", ".pq"):
+    name = PurePosixPath(urlsplit(str(path)).path).name if is_uri(path) else Path(path).name
+    source = path
+    if is_uri(path):
         try:
-            return pd.read_parquet(path), warnings
+            source = io.BytesIO(read_bytes(path))
+        except StorageError as exc:
+            raise DatasetError(str(exc)) from exc
+    if PurePosixPath(name).suffix.lower() in (".parquet", ".pq"):
+        try:
+            return pd.read_parquet(source), warnings
         except Exception as exc:  # pyarrow raises several types for a damaged file
             raise DatasetError(f"{path}: not a readable Parquet file ({first_line(exc)})") from exc
     try:
         try:
-            frame = pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False)
+            frame = pd.read_csv(source, encoding="utf-8-sig", dtype=str, keep_default_na=False)
         except UnicodeDecodeError:
-            frame = pd.read_csv(path, encoding="latin-1", dtype=str, keep_default_na=False)
-            warnings.append(f"{path.name} is not UTF-8; read as Latin-1")
+            if isinstance(source, io.BytesIO):
+                source.seek(0)
+            frame = pd.read_csv(source, encoding="latin-1", dtype=str, keep_default_na=False)
+            warnings.append(f"{name} is not UTF-8; read as Latin-1")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError) as exc:
         raise DatasetError(f"{path}: not a readable CSV file ({first_line(exc)})") from exc
     frame.columns = [str(c).strip() for c in frame.columns]
@@ -82,9 +100,10 @@ def read_table(path: Path) -> tuple[pd.DataFrame, list[str]]:
 class ManifestBuilder:
     """Collects rows, rejecting the unusable ones with a reason; builds the two tables."""
 
-    def __init__(self, root: Path, classes: Sequence[str], mask_root: Path | None = None) -> None:
-        self.root = root.resolve()
-        self.mask_root = (mask_root or root).resolve()
+    def __init__(self, root: Path | str, classes: Sequence[str], mask_root: Path | None = None) -> None:
+        self.root = root if is_uri(root) else Path(root).resolve()
+        mask_root = mask_root or root
+        self.mask_root = mask_root if is_uri(mask_root) else Path(mask_root).resolve()
         self.classes = tuple(classes)
         self._index = {name: i for i, name in enumerate(self.classes)}
         self._rows: list[dict] = []
@@ -149,7 +168,7 @@ class ManifestBuilder:
         return manifest, rejected
 
 
-def _inside(root: Path, candidate: str, what: str, where: str) -> tuple[Path | None, str | None]:
+def _inside(root: Path | str, candidate: str, what: str, where: str) -> tuple[Path | str | None, str | None]:
     """``(resolved path, None)``, or ``(None, reason)`` for a path outside ``root`` or no path at all."""
     try:
         resolved = resolve_inside(root, candidate)

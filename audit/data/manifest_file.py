@@ -4,8 +4,9 @@ Required: ``path`` and ``label`` (class index) or ``label_name``. Optional: ``im
 (default: the path), ``mask_path``, ``group``, a box as ``box_x0 box_y0 box_x1 box_y1``
 (fractions of the image), and any other column, passed through as metadata. Relative
 paths resolve against the file's folder, which is the dataset root: paths outside it are
-rejected. Classes: the given ``classes`` (a checkpoint's), else the sorted ``label_name``
-values, else ``0 .. max(label)``.
+rejected. The file may be on object storage (an ``s3://``, ``gs://``... URI): its paths are then
+URIs under its folder, or relative to it. Classes: the given ``classes`` (a checkpoint's), else
+the sorted ``label_name`` values, else ``0 .. max(label)``.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ from pathlib import Path
 import pandas as pd
 
 from audit.data.manifest import BOX_COLUMNS, Dataset, DatasetError, ManifestBuilder, read_table, require_rows
+from audit.data.storage import StorageError, is_uri, stamp, uri_parent
 
 KNOWN = ("image_id", "path", "label", "label_name", "mask_path", "group")
 
 
-def load_manifest_file(file: Path, classes: Sequence[str] | None = None) -> Dataset:
-    file = Path(file)
-    if not file.is_file():
+def load_manifest_file(file: Path | str, classes: Sequence[str] | None = None) -> Dataset:
+    """The manifest in ``file``, a local path or a URI (``s3://bucket/ds/manifest.csv``: its rows'
+    paths are then URIs under ``s3://bucket/ds``, or paths relative to it)."""
+    file = str(file) if is_uri(file) else Path(file)
+    if not _is_file(file):
         raise DatasetError(f"manifest file not found: {file} (--data-dir names the CSV or Parquet file itself)")
     frame, warnings = read_table(file)
     if "path" not in frame.columns or not ({"label", "label_name"} & set(frame.columns)):
@@ -33,7 +37,7 @@ def load_manifest_file(file: Path, classes: Sequence[str] | None = None) -> Data
     frame = frame.astype(object).where(frame.notna(), None)
     names = _label_names(frame, classes, file)
     class_list = tuple(classes) if classes else _classes(frame, names)
-    root = file.parent
+    root = uri_parent(file) if isinstance(file, str) else file.parent
     extra_columns = [c for c in frame.columns if c not in KNOWN]
     builder = ManifestBuilder(root, class_list)
     for row, (record, label_name) in enumerate(zip(frame.to_dict("records"), names)):
@@ -43,6 +47,16 @@ def load_manifest_file(file: Path, classes: Sequence[str] | None = None) -> Data
         builder.add(row, image_id, path, label_name, record.get("mask_path") or None, record.get("group"), extra)
     manifest, rejected = builder.build()
     return require_rows(Dataset("manifest", root, class_list, manifest, rejected, warnings=warnings))
+
+
+def _is_file(file: Path | str) -> bool:
+    if isinstance(file, Path):
+        return file.is_file()
+    try:
+        stamp(file)
+    except StorageError:
+        return False
+    return True
 
 
 def _label_names(frame: pd.DataFrame, classes: Sequence[str] | None, file: Path) -> list[str]:

@@ -12,9 +12,10 @@ Every failure is a :class:`StorageError` with a one-line reason.
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
@@ -38,6 +39,31 @@ class Stamp:
 
 def is_uri(location: str | os.PathLike) -> bool:
     return bool(_URI.match(str(location)))
+
+
+def uri_parent(uri: str) -> str:
+    """The folder a URI's file is in: ``s3://bucket/ds/manifest.csv`` -> ``s3://bucket/ds``."""
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(path=posixpath.dirname(parts.path)))
+
+
+def uri_inside(root: str, candidate: str) -> str | None:
+    """``candidate`` (a URI, or a path relative to the URI ``root``) as a URI, or None when it lies
+    outside ``root`` (another store, or ``..`` out of it). Query options (an endpoint) follow the root."""
+    base = urlsplit(root)
+    if is_uri(candidate):
+        found = urlsplit(candidate)
+        if (found.scheme.lower(), found.netloc) != (base.scheme.lower(), base.netloc):
+            return None
+        path = posixpath.normpath(found.path or "/")
+    else:
+        if candidate.startswith("/"):
+            return None  # a local absolute path is on no store
+        path = posixpath.normpath(posixpath.join(base.path or "/", candidate))
+    top = posixpath.normpath(base.path or "/")
+    if path != top and not path.startswith(top.rstrip("/") + "/"):
+        return None
+    return urlunsplit(base._replace(path=path))
 
 
 def read_bytes(location: str | os.PathLike) -> bytes:
@@ -66,6 +92,30 @@ def stamp(location: str | os.PathLike) -> Stamp:
     if info.type != pafs.FileType.File:
         raise StorageError(f"not a file: {location}")
     return Stamp(int(info.size or 0), int(info.mtime_ns or 0))
+
+
+def file_sizes(locations: list[str]) -> dict[str, int]:
+    """Size of each file that exists, by location: one listing per folder on object storage (not
+    one request per object), a stat per file locally."""
+    sizes: dict[str, int] = {}
+    folders: dict[str, list[str]] = {}
+    for location in locations:
+        if is_uri(location):
+            folders.setdefault(uri_parent(location), []).append(location)
+        elif os.path.isfile(location):
+            sizes[location] = os.path.getsize(location)
+    for folder, inside in folders.items():
+        fs, path = _resolve(folder)
+        try:
+            listing = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        except OSError as exc:
+            raise StorageError(_reason(folder, exc)) from exc
+        found = {info.path.rsplit("/", 1)[-1]: info.size for info in listing if info.type == pafs.FileType.File}
+        for location in inside:
+            name = unquote(urlsplit(location).path.rsplit("/", 1)[-1])
+            if name in found:
+                sizes[location] = int(found[name])
+    return sizes
 
 
 def _resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:

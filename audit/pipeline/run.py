@@ -41,6 +41,7 @@ from audit import history
 from audit.config import COMPUTED, RunConfig
 from audit.data import load_dataset
 from audit.data.manifest import BOX_COLUMNS, Dataset, with_missing_masks_as_none
+from audit.data.storage import file_sizes
 from audit.errors import AuditError
 from audit.explain.sanity import SANITY_FILE
 from audit.models.anatomy import inspect_model
@@ -504,9 +505,9 @@ def _rejected_rows(rejected: pd.DataFrame, kinds: tuple[str, ...], schema: pa.Sc
 
 def _fingerprint(manifest: pd.DataFrame, rejected: pd.DataFrame) -> str:
     digest = hashlib.sha256()
+    sizes = file_sizes(manifest["path"].tolist())
     for image_id, label_name, path in manifest[["image_id", "label_name", "path"]].itertuples(index=False):
-        size = Path(path).stat().st_size if Path(path).is_file() else -1
-        digest.update(f"{image_id}\t{label_name}\t{size}\n".encode())
+        digest.update(f"{image_id}\t{label_name}\t{sizes.get(path, -1)}\n".encode())
     digest.update(f"rejected:{len(rejected)}".encode())
     return digest.hexdigest()
 

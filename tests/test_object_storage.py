@@ -1,0 +1,118 @@
+"""Datasets on object storage: a manifest in an S3 bucket (moto's server on 127.0.0.1) whose rows
+name images and masks in the bucket, read through pyarrow's filesystems and audited by the job."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from audit.config import RunConfig
+from audit.data import DatasetError, load_dataset
+from audit.data.ham10000 import CLASSES
+from audit.data.storage import StorageError, read_bytes
+from audit.data.synthetic import Shortcut, SyntheticSpec, generate
+from audit.models.checkpoint import save_random_checkpoint
+from audit.pipeline.run import OUTPUT_DIR, Execution, run_audit
+
+BUCKET = "audit-data"
+IMAGES = 10
+
+
+@pytest.fixture(scope="module")
+def local_copy(tmp_path_factory):
+    """The same dataset on disk: a manifest with relative paths next to its images and masks."""
+    root = generate(
+        tmp_path_factory.mktemp("local") / "syn",
+        SyntheticSpec(images=IMAGES, height=48, width=64, shortcuts={"df": Shortcut("patch")}, seed=7),
+        workers=1,
+    )
+    frame = load_dataset("synthetic", root).manifest
+    rows = pd.DataFrame(
+        {
+            "image_id": frame["image_id"],
+            "path": [p.split(f"{root}/", 1)[1] for p in frame["path"]],
+            "mask_path": [p.split(f"{root}/", 1)[1] for p in frame["mask_path"]],
+            "label_name": frame["label_name"],
+        }
+    )
+    extra = pd.DataFrame(
+        {
+            "image_id": ["gone", "escape"],
+            "path": ["HAM10000_images_part_1/gone.jpg", "../elsewhere/x.jpg"],
+            "mask_path": [None, None],
+            "label_name": ["nv", "nv"],
+        }
+    )
+    pd.concat([rows, extra]).to_csv(root / "manifest.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def bucket_copy(s3, local_copy):
+    """The dataset uploaded to s3://audit-data/ds/ as it lies on disk."""
+    s3.create_dir(BUCKET)
+    for path in local_copy.rglob("*"):
+        if path.is_file():
+            with s3.open_output_stream(f"{BUCKET}/ds/{path.relative_to(local_copy)}") as out:
+                out.write(path.read_bytes())
+    return f"s3://{BUCKET}/ds/manifest.csv"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    save_random_checkpoint(path, "resnet18", CLASSES, (32, 32))
+    return path
+
+
+def test_a_manifest_in_a_bucket_names_objects_in_it(bucket_copy):
+    dataset = load_dataset("manifest", bucket_copy)
+    assert dataset.root == f"s3://{BUCKET}/ds"
+    assert dataset.manifest["path"].str.startswith(f"s3://{BUCKET}/ds/HAM10000_images_part_1/").all()
+    assert dataset.manifest["mask_path"].dropna().str.startswith(f"s3://{BUCKET}/ds/").all()
+    (reason,) = dataset.rejected.loc[dataset.rejected["image_id"] == "escape", "reason"]
+    assert "outside the dataset root" in reason  # `..` cannot leave the prefix
+
+
+def test_missing_objects_and_buckets_are_one_line_errors(s3, bucket_copy):
+    with pytest.raises(StorageError, match="file not found: s3://audit-data/ds/nothing.jpg"):
+        read_bytes(f"s3://{BUCKET}/ds/nothing.jpg")
+    with pytest.raises(DatasetError, match="manifest file not found: s3://no-such-bucket/manifest.csv"):
+        load_dataset("manifest", "s3://no-such-bucket/manifest.csv")
+    with pytest.raises(DatasetError, match="a dataset on object storage is a manifest file"):
+        load_dataset("ham10000", f"s3://{BUCKET}/ds")
+
+
+def _rows(run_dir) -> pd.DataFrame:
+    files = sorted((run_dir / OUTPUT_DIR).glob("*.parquet"))
+    return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True).sort_values("image_id")
+
+
+def test_an_audit_of_the_bucket_equals_the_audit_of_the_same_files_on_disk(
+    ray_session, bucket_copy, local_copy, checkpoint, tmp_path
+):
+    def audit(data_dir: str):
+        config = RunConfig(
+            dataset="manifest",
+            data_dir=data_dir,
+            model=str(checkpoint),
+            out=str(tmp_path / "runs"),
+            name="ds",
+            batch_size=4,
+            evidence="none",
+            sanity_images=0,
+        )
+        return _rows(run_audit(config, Execution(progress=False)))
+
+    remote, local = audit(bucket_copy), audit(str(local_copy / "manifest.csv"))
+    assert len(remote) == len(local) == IMAGES + 2
+    gone = remote[remote["image_id"] == "gone"].iloc[0]
+    assert gone["error_stage"] == "decode" and gone["error"].startswith("file not found: s3://audit-data/ds/")
+    ok = remote[remote["status"] == "ok"]
+    assert len(ok) == IMAGES and (ok["mask_source"] == "provided").all()
+    same = local[local["status"] == "ok"]
+    assert ok["image_id"].tolist() == same["image_id"].tolist()
+    assert ok["pred"].tolist() == same["pred"].tolist()
+    assert ok["map_gradcam"].map(list).tolist() == same["map_gradcam"].map(list).tolist()
+    assert ok["energy_in_mask_gradcam"].tolist() == same["energy_in_mask_gradcam"].tolist()
