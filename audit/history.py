@@ -53,6 +53,18 @@ class HistoryError(AuditError):
     """A run or a pointer that cannot be found or used."""
 
 
+def run_precision(info: dict) -> str | None:
+    """The arithmetic a run's maps were computed in: run.json ``execution``; for runs from before
+    it was recorded, what the device implied then (bf16 autocast on a GPU, fp32 on a CPU)."""
+    settled = info.get("execution", {}).get("precision")
+    if settled:
+        return settled
+    resources = [a.get("resources") for a in info.get("attempts", []) if a.get("resources")]
+    if not resources:
+        return None
+    return "bf16" if resources[0].get("gpus_per_actor") else "fp32"
+
+
 def run_id(started: datetime, digest: str) -> str:
     """``YYYYMMDD-HHMMSS-<digest>`` from a UTC time: ids sort by start time."""
     return f"{started:%Y%m%d-%H%M%S}-{digest}"

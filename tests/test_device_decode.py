@@ -109,6 +109,20 @@ def test_a_corrupt_stream_falls_back_to_pillow_without_costing_its_batch(photos)
     assert decoded[0].equal(decoded[2]) and decoded[0].float().std() > 0
 
 
+@pytest.mark.parametrize("masks", ["estimate", "provided"])
+def test_an_image_that_does_not_decode_is_a_decode_error_whatever_its_mask(tmp_path, photos, masks):
+    """The image comes first, as when the read stage decoded every image: a JPEG whose header
+    passes but whose data does not decode is a `decode` error, not a `mask` error."""
+    images, _ = photos
+    damaged = bytearray(images[0].read_bytes())
+    table = damaged.index(b"\xff\xc4")
+    damaged[table + 5 : table + 21] = b"\xff" * 16
+    path = tmp_path / "damaged.jpg"
+    path.write_bytes(bytes(damaged))
+    read = read_batch(_batch([path], [tmp_path / "no-mask.png"]), SIZE, masks)
+    assert read["decode_stage"][0] == "decode" and "corrupt" in read["decode_error"][0]
+
+
 def test_bad_files_keep_their_reasons_and_stage(tmp_path, photos):
     images, _ = photos
     (tmp_path / "empty.jpg").write_bytes(b"")

@@ -409,7 +409,8 @@ def test_precision_auto_is_settled_by_the_device_once_and_kept_by_a_resume(check
 
     def settled(precision, gpus, info=None, batch_size=None):
         config = SimpleNamespace(precision=precision, batch_size=batch_size)
-        state = SimpleNamespace(config=config, info=info if info is not None else {}, save=lambda: None)
+        state = SimpleNamespace(config=config, info=info if info is not None else {})
+        state.record = lambda target, **values: target.update(values)
         settle_execution(state, SimpleNamespace(gpus_per_actor=gpus))
         return state.info["execution"]
 
@@ -418,6 +419,8 @@ def test_precision_auto_is_settled_by_the_device_once_and_kept_by_a_resume(check
     assert settled("bf16", 0, batch_size=8) == {"device": "cpu", "precision": "bf16", "batch_size": 8}
     resumed_on_a_cpu = settled("auto", 0, info={"execution": {"precision": "bf16"}})
     assert resumed_on_a_cpu["precision"] == "bf16"
+    started_on_a_gpu_before_it_was_recorded = {"attempts": [{"resources": {"gpus_per_actor": 1.0}}]}
+    assert settled("auto", 0, info=started_on_a_gpu_before_it_was_recorded)["precision"] == "bf16"
     model = load_model(load_checkpoint(checkpoint))
     dtypes = {
         p: explain_engine(model, load_checkpoint(checkpoint), {"precision": p}).autocast_dtype

@@ -116,19 +116,20 @@ def _decode_batched(payloads: Sequence[bytes], size: tuple[int, int], device: to
 
 
 def _decode_on_cpu(payloads: Sequence[bytes], size: tuple[int, int], device: torch.device) -> list:
-    """A CPU: each image decoded and resized on its own (no full-size batch is copied), on as many
-    threads as torch uses (libjpeg-turbo and the resize release the GIL)."""
-
-    def one(data: bytes) -> torch.Tensor | None:
-        (image,) = decode_jpegs([data], device)
-        return None if image is None else resize_on_device(image[None], size)[0]
-
+    """A CPU: each image decoded on its own (no full-size batch is copied), on as many threads as
+    torch uses (libjpeg-turbo releases the GIL), then resized one by one on this thread (the resize
+    has torch's threads of its own)."""
     workers = max(1, min(torch.get_num_threads(), len(payloads)))
     if workers == 1:
-        return [one(data) for data in payloads]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(one, payloads))
+        decoded = [decode_jpegs([data], device)[0] for data in payloads]
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            decoded = list(pool.map(lambda data: decode_jpegs([data], device)[0], payloads))
+    return [None if image is None else resize_on_device(image[None], size)[0] for image in decoded]
 
 
 def _decode(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    if device.type == "cuda":
+        # nvJPEG writes on a stream of its own that does not wait for this one (pytorch/vision#9606)
+        torch.cuda.current_stream(device).synchronize()
     return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)

@@ -6,11 +6,13 @@ far more. So each mask, once resized to the model's input size, is kept in a fol
 files (one bit per pixel), named by a hash of everything it depends on:
 
 * a provided mask: its location, its size and modification time, the image's size (the mask is
-  fitted to it) and the input size;
-* an estimated mask: its image's location, size and modification time, the input size, and the
+  fitted to it) and the input size; a store that keeps no modification time gets no caching of
+  provided masks (an edit of the same size would go unseen);
+* an estimated mask: a hash of its image's bytes (already read), the input size, and the
   estimator's source code (a changed estimator never serves an old estimate).
 
-A file that changes gets a new key; stale entries are never read, only left for ``clear``. The
+A file that changes gets a new key, so a stale entry is never read again; entries are small (one
+bit per pixel: 6 KB at 224x224) and are not pruned (delete the folder to reclaim them). The
 folder is ``$CAM_AUDIT_CACHE`` (``off`` turns the cache off), else ``$XDG_CACHE_HOME/cam-audit``,
 else ``~/.cache/cam-audit``; each node of a cluster keeps its own. Entries are written to a
 temporary name and renamed, so concurrent read tasks never see half a file. Failures are not
@@ -55,16 +57,23 @@ class MaskCache:
         key = self._key("provided", mask, list(image_size))
         return self._get(key, compute)
 
-    def estimated(self, image: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
-        key = self._key("estimated", image, _estimator_digest())
-        return self._get(key, compute)
+    def estimated(self, image: bytes, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """The estimate for the image with these encoded bytes."""
+        if self.folder is None:
+            return self._get(None, compute)
+        content = hashlib.sha256(image).hexdigest()
+        return self._get(self._digest(["estimated", content, _estimator_digest()]), compute)
 
     def _key(self, kind: str, location: str, extra) -> str | None:
         if self.folder is None:
             return None
         version = stamp(location)
-        parts = [FORMAT, kind, str(location), version.size, version.mtime_ns, extra, list(self.size)]
-        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+        if not version.mtime_ns:
+            return None
+        return self._digest([kind, str(location), version.size, version.mtime_ns, extra])
+
+    def _digest(self, parts: list) -> str:
+        return hashlib.sha256(json.dumps([FORMAT, *parts, list(self.size)]).encode()).hexdigest()[:32]
 
     def _get(self, key: str | None, compute: Callable[[], np.ndarray]) -> np.ndarray:
         if key is not None:

@@ -305,7 +305,7 @@ def format_pipeline_bench(result: PipelineBenchResult) -> str:
             f"  throughput kept                              {100 * result.ratio_vs_forward:8.1f} %",
             f"  audit run as by default (evidence, sanity)   {rate(result.default_images_per_s)}"
             f"   ({100 * result.default_vs_forward:.1f} % of forward-only)",
-            f"  first batch after Ray is up                  {result.first_batch_s:8.2f} s",
+            f"  first batch after Ray is up                  {rate(result.first_batch_s)} s",
             f"  decode per image, one core                   {result.decode_ms_per_image:8.2f} ms"
             f"   (mask cache cold {result.decode_cold_cache_ms_per_image:.2f} ms; "
             f"Pillow, image and mask {result.pillow_decode_ms_per_image:.2f} ms)",

@@ -49,10 +49,10 @@ def read_batch(batch: dict[str, np.ndarray], input_size: tuple[int, int], masks:
                 mask = cache.provided(mask_path, header.size, partial(_mask, mask_path, header.size, input_size))
                 source[i] = "provided"
             elif masks == "estimate" or (masks == "auto" and not mask_path):
-                mask = cache.estimated(path, partial(_estimate, data, pixels, input_size))
+                mask = cache.estimated(data, partial(_estimate, data, pixels, input_size))
                 source[i] = "estimated"
         except (DecodeError, StorageError) as exc:
-            stage[i], error[i] = "mask", str(exc)
+            stage[i], error[i] = _mask_failure(data, pixels, exc)
             continue
         if source[i] != "none":
             bits[i] = np.packbits(mask).tobytes()
@@ -90,6 +90,17 @@ def _read(location: str) -> bytes:
 
 def _mask(location: str, image_size: tuple[int, int], input_size: tuple[int, int]) -> np.ndarray:
     return resize_mask(decode_mask(_read(location), image_size), input_size)
+
+
+def _mask_failure(data: bytes, pixels: np.ndarray | None, exc: Exception) -> tuple[str, str]:
+    """The stage and reason of a row whose mask failed. The image comes first, as it did when
+    the read stage decoded every image: a JPEG that Pillow cannot decode either is a decode error."""
+    if pixels is None:
+        try:
+            decode_image(data)
+        except DecodeError as image_error:
+            return "decode", str(image_error)
+    return "mask", str(exc)
 
 
 def _estimate(data: bytes, pixels: np.ndarray | None, input_size: tuple[int, int]) -> np.ndarray:

@@ -97,6 +97,13 @@ class RunState:
         with self.lock:
             _write_info(self.run_dir, self.info)
 
+    def record(self, target: dict, **values) -> None:
+        """Set ``values`` in ``target`` (run.json's info or one of its attempts) and save, under the
+        lock: the heartbeat thread serialises the same dicts."""
+        with self.lock:
+            target.update(values)
+            _write_info(self.run_dir, self.info)
+
 
 def run_audit(config: RunConfig, execution: Execution = Execution()) -> Path:
     """Start a new run; return its directory."""
@@ -217,29 +224,31 @@ def _execute(state: RunState, execution: Execution) -> Path:
     try:
         with _Heartbeat(state, execution.heartbeat_s), ray_cluster(state.config.address, model_code_env(state.config)):
             ready = time.perf_counter()
-            attempt["ray_ready_s"] = round(ready - began, 3)
             plan = plan_resources(state.config.actors)
-            attempt["resources"] = plan.to_dict()
             settle_execution(state, plan)
-            attempt["batch_size"] = state.info["execution"]["batch_size"]
+            state.record(
+                attempt,
+                ray_ready_s=round(ready - began, 3),
+                resources=plan.to_dict(),
+                batch_size=state.info["execution"]["batch_size"],
+            )
             checkpoint_ref = ray.put(state.checkpoint_bytes)
             for _ in range(MAX_PASSES):
                 pending = _pending(state)
                 if pending.empty:
                     break
                 todo = int(pending["kinds"].map(len).sum())
-                attempt["passes"] += 1
-                attempt["computed_rows"] += todo
+                state.record(attempt, passes=attempt["passes"] + 1, computed_rows=attempt["computed_rows"] + todo)
                 with _Progress(_expected_rows(state), todo, enabled=execution.progress) as reporter:
                     _run_pass(state, pending, plan, checkpoint_ref, execution, reporter)
                 if attempt["passes"] == 1:
-                    attempt.update(reporter.timing(ready))
+                    state.record(attempt, **reporter.timing(ready))
             if (
                 execution.mode == "explain"
                 and state.config.sanity_images
                 and not (state.run_dir / SANITY_FILE).exists()
             ):
-                attempt["sanity_seconds"] = _run_sanity(state, plan, checkpoint_ref)
+                state.record(attempt, sanity_seconds=_run_sanity(state, plan, checkpoint_ref))
     except KeyboardInterrupt:
         _finish(state, attempt, began, "interrupted")
         raise
@@ -256,11 +265,10 @@ def settle_execution(state: RunState, plan) -> None:
     size (256 on a GPU, 32 on a CPU) may change between attempts. run.json ``execution``."""
     config = state.config
     device = "cuda" if plan.gpus_per_actor else "cpu"
-    settled = state.info.get("execution", {}).get("precision")
+    settled = history.run_precision(state.info)  # a resumed run's, also from before it was recorded
     precision = settled or (config.precision if config.precision != "auto" else DEVICE_PRECISION[device])
     batch_size = config.batch_size or DEVICE_BATCH_SIZE[device]
-    state.info["execution"] = {"device": device, "precision": precision, "batch_size": batch_size}
-    state.save()
+    state.record(state.info, execution={"device": device, "precision": precision, "batch_size": batch_size})
 
 
 def actor_config(state: RunState) -> dict:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from audit.config import DEFAULT_TOLERANCE
 from audit.explain.metrics import LOCALIZED
+from audit.history import run_precision
 from audit.report.aggregate import counted_pairs
 from audit.report.figures import kind_title, method_title
 from audit.report.flags import FLAG_ORDER, STATUSES, ClassResult, Flag, assess, worst
@@ -310,18 +311,6 @@ def differences(baseline: RunData, run: RunData, thresholds: Thresholds) -> list
         if data.get("status") != "complete":
             notes.append(f"the {name} is {data.get('status', 'unknown')}: its rates cover the rows it holds")
     return notes
-
-
-def run_precision(info: dict) -> str | None:
-    """The arithmetic a run's maps were computed in: run.json ``execution``; for runs from before
-    it was recorded, what the device implied then (bf16 autocast on a GPU, fp32 on a CPU)."""
-    settled = info.get("execution", {}).get("precision")
-    if settled:
-        return settled
-    resources = [a.get("resources") for a in info.get("attempts", []) if a.get("resources")]
-    if not resources:
-        return None
-    return "bf16" if resources[0].get("gpus_per_actor") else "fp32"
 
 
 def _key(key: tuple[str, str]) -> str:
