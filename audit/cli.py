@@ -258,12 +258,33 @@ TOLERANCE = click.option(
 )
 
 
+class Location(click.ParamType):
+    """A local path (a Path), or a URI on object storage (``s3://bucket/ds/manifest.csv``, kept as
+    the string it is: a Path would fold its ``//``)."""
+
+    name = "path or URI"
+
+    def convert(self, value, param, ctx):
+        from audit.data.storage import is_uri
+
+        if isinstance(value, Path) or not is_uri(str(value)):
+            return Path(value)
+        return str(value)
+
+
+LOCATION = Location()
+
+
 @main.command("run")
 @click.option(
     "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), help="options from a TOML file"
 )
 @click.option("--dataset", type=DATASET_CHOICE)
-@click.option("--data-dir", type=click.Path(path_type=Path), help="dataset folder (for manifest: the CSV/Parquet file)")
+@click.option(
+    "--data-dir",
+    type=LOCATION,
+    help="dataset folder (for manifest: the CSV/Parquet file, also on object storage: s3://, gs://, hdfs://)",
+)
 @model_options
 @click.option(
     "--out", type=click.Path(path_type=Path), help=f"runs go to OUT/NAME/<run_id>/ [default: {_default('out')}]"
@@ -682,7 +703,11 @@ def data() -> None:
 
 @data.command("check")
 @click.option("--dataset", "name", type=DATASET_CHOICE, required=True)
-@click.option("--data-dir", type=click.Path(path_type=Path), help="dataset folder (for manifest: the CSV/Parquet file)")
+@click.option(
+    "--data-dir",
+    type=LOCATION,
+    help="dataset folder (for manifest: the CSV/Parquet file, also on object storage: s3://, gs://, hdfs://)",
+)
 @click.option("--mask-dir", type=click.Path(path_type=Path), help="imagefolder only: parallel tree of masks")
 @click.option("--deep", is_flag=True, help="decode every image fully (finds truncated files; slower)")
 @click.option(
@@ -693,7 +718,7 @@ def data() -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def data_check(
-    name: str, data_dir: Path | None, mask_dir: Path | None, deep: bool, estimate_masks: int, as_json: bool
+    name: str, data_dir: Path | str | None, mask_dir: Path | None, deep: bool, estimate_masks: int, as_json: bool
 ) -> None:
     """Validate a dataset before a long job: counts, missing and unreadable files, masks, lesions.
 

@@ -3,10 +3,14 @@ name images and masks in the bucket, read through pyarrow's filesystems and audi
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 
+from audit.cli import main
 from audit.config import RunConfig
 from audit.data import DatasetError, load_dataset
 from audit.data.ham10000 import CLASSES
@@ -82,6 +86,25 @@ def test_missing_objects_and_buckets_are_one_line_errors(s3, bucket_copy):
         load_dataset("manifest", "s3://no-such-bucket/manifest.csv")
     with pytest.raises(DatasetError, match="a dataset on object storage is a manifest file"):
         load_dataset("ham10000", f"s3://{BUCKET}/ds")
+
+
+def test_the_command_line_takes_a_manifest_uri(bucket_copy):
+    """`--data-dir s3://...` stays a URI (a path would fold its `//`); `audit data check` reads the bucket."""
+    result = CliRunner().invoke(main, ["data", "check", "--dataset", "manifest", "--data-dir", bucket_copy, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["root"] == f"s3://{BUCKET}/ds" and report["rows"] == IMAGES + 1
+    assert (report["readable"], report["missing"], report["masks_found"], report["rejected"]) == (IMAGES, 1, IMAGES, 1)
+
+
+def test_configs_keep_uris_as_they_are(tmp_path):
+    from audit.config import read_config_file
+
+    uri = f"s3://{BUCKET}/ds/manifest.csv"
+    config = RunConfig(dataset="manifest", data_dir=uri, model=str(tmp_path / "m.pt"))
+    assert config.resolved().data_dir == uri and config.audit_name == "manifest"
+    (tmp_path / "audit.toml").write_text(f'data_dir = "{uri}"\n')
+    assert read_config_file(tmp_path / "audit.toml")["data_dir"] == uri  # not resolved against the file's folder
 
 
 def _rows(run_dir) -> pd.DataFrame:
