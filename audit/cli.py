@@ -708,7 +708,7 @@ def data() -> None:
     type=LOCATION,
     help="dataset folder (for manifest: the CSV/Parquet file, also on object storage: s3://, gs://, hdfs://)",
 )
-@click.option("--mask-dir", type=click.Path(path_type=Path), help="imagefolder only: parallel tree of masks")
+@click.option("--mask-dir", type=LOCATION, help="imagefolder only: parallel tree of masks")
 @click.option("--deep", is_flag=True, help="decode every image fully (finds truncated files; slower)")
 @click.option(
     "--estimate-masks",

@@ -84,8 +84,38 @@ def test_missing_objects_and_buckets_are_one_line_errors(s3, bucket_copy):
         read_bytes(f"s3://{BUCKET}/ds/nothing.jpg")
     with pytest.raises(DatasetError, match="manifest file not found: s3://no-such-bucket/manifest.csv"):
         load_dataset("manifest", "s3://no-such-bucket/manifest.csv")
-    with pytest.raises(DatasetError, match="a dataset on object storage is a manifest file"):
-        load_dataset("ham10000", f"s3://{BUCKET}/ds")
+    with pytest.raises(DatasetError, match="upload it and read it as --dataset ham10000"):
+        load_dataset("synthetic", f"s3://{BUCKET}/ds")
+    with pytest.raises(DatasetError, match="has no HAM10000_metadata.csv"):
+        load_dataset("ham10000", "s3://no-such-bucket/ds")
+
+
+def test_the_ham10000_layout_in_a_bucket_reads_as_on_disk(bucket_copy, local_copy):
+    remote, local = load_dataset("ham10000", f"s3://{BUCKET}/ds"), load_dataset("ham10000", local_copy)
+    assert remote.root == f"s3://{BUCKET}/ds" and len(remote.manifest) == len(local.manifest) == IMAGES
+    columns = ["image_id", "label", "group"]
+    assert remote.manifest[columns].equals(local.manifest[columns])
+    prefix = f"s3://{BUCKET}/ds/"
+    assert [p.removeprefix(prefix) for p in remote.manifest["path"]] == [
+        p.removeprefix(f"{local_copy}/") for p in local.manifest["path"]
+    ]
+    assert remote.manifest["mask_path"].str.startswith(f"{prefix}HAM10000_segmentations_lesion_tschandl/").all()
+
+
+def test_an_image_folder_in_a_bucket_with_its_masks(s3, bucket_copy, local_copy):
+    images = sorted((local_copy / "HAM10000_images_part_1").glob("*.jpg"))[:4]
+    masks = local_copy / "HAM10000_segmentations_lesion_tschandl"
+    for i, image in enumerate(images):
+        label = ("nv", "mel")[i % 2]
+        with s3.open_output_stream(f"{BUCKET}/folders/{label}/{image.name}") as out:
+            out.write(image.read_bytes())
+        if i < 3:
+            with s3.open_output_stream(f"{BUCKET}/masks/{label}/{image.stem}_segmentation.png") as out:
+                out.write((masks / f"{image.stem}_segmentation.png").read_bytes())
+    dataset = load_dataset("imagefolder", f"s3://{BUCKET}/folders", mask_dir=f"s3://{BUCKET}/masks")
+    assert dataset.classes == ("mel", "nv") and len(dataset.manifest) == 4
+    assert dataset.manifest["path"].str.startswith(f"s3://{BUCKET}/folders/").all()
+    assert dataset.manifest["mask_path"].notna().sum() == 3
 
 
 def test_the_command_line_takes_a_manifest_uri(bucket_copy):

@@ -31,9 +31,7 @@ def load_dataset(
     # Absolute from here on: a loader joins its root with file names, and the rows' paths must
     # name the same files from any working directory (Ray workers have their own).
     if data_dir and is_uri(data_dir):
-        if name != "manifest":
-            raise DatasetError(f"--dataset {name} reads a local folder; a dataset on object storage is a manifest file")
-        return load_manifest_file(str(data_dir), classes)
+        return _load_from_store(name, str(data_dir), classes, mask_dir)
     data_dir = Path(data_dir).absolute() if data_dir else None
     mask_dir = Path(mask_dir).absolute() if mask_dir else None
     if name == "ham10000":
@@ -52,6 +50,17 @@ def load_dataset(
     if name == "manifest":
         return load_manifest_file(Path(data_dir), classes)
     raise DatasetError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+
+
+def _load_from_store(name: str, location: str, classes: Sequence[str] | None, mask_dir) -> Dataset:
+    """A dataset on object storage (a URI): the HAM10000, image-folder and manifest layouts."""
+    if name == "ham10000":
+        return load_ham10000(location)
+    if name == "imagefolder":
+        return load_imagefolder(location, str(mask_dir) if mask_dir else None)
+    if name == "manifest":
+        return load_manifest_file(location, classes)
+    raise DatasetError(f"--dataset {name} is generated locally; upload it and read it as --dataset ham10000")
 
 
 __all__ = ["DATASETS", "Dataset", "DatasetError", "default_data_dir", "load_dataset"]

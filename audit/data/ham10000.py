@@ -16,11 +16,13 @@ Lesion masks (``HAM10000_segmentations_lesion_tschandl/<image_id>_segmentation.p
 from __future__ import annotations
 
 import os
+import posixpath
 from pathlib import Path
 
 import pandas as pd
 
 from audit.data.manifest import Dataset, DatasetError, ManifestBuilder, read_table, require_rows
+from audit.data.storage import Listing, StorageError, is_uri
 
 CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 CLASS_NAMES = {
@@ -51,33 +53,58 @@ def is_malignant(label_name: str) -> bool:
     return label_name in MALIGNANT
 
 
-def load_ham10000(root: Path) -> Dataset:
-    """The HAM10000 manifest from ``root``; see the module docstring for the layouts."""
-    root = Path(root)
-    metadata_path = _find_metadata(root)
+def load_ham10000(root: Path | str) -> Dataset:
+    """The HAM10000 manifest from ``root``, a folder or a URI on object storage; see the module
+    docstring for the layouts."""
+    root = str(root) if is_uri(root) else Path(root)
+    metadata_path, images, masks = _locate_in_store(root) if isinstance(root, str) else _locate(root)
     frame, warnings = read_table(metadata_path)
     missing = [c for c in ("lesion_id", "image_id", "dx") if c not in frame.columns]
     if missing:
         raise DatasetError(
             f"{metadata_path}: missing columns {', '.join(missing)} (expected {', '.join(METADATA_COLUMNS)})"
         )
-    images = _index_files(root, IMAGE_FOLDERS, suffix=".jpg")
     if not images:
-        unextracted = [name for name in ARCHIVES if (root / name).is_file()]
+        unextracted = [name for name in ARCHIVES if isinstance(root, Path) and (root / name).is_file()]
         hint = f"; extract {' and '.join(unextracted)} first" if unextracted else ""
         warnings.append(f"no .jpg images found under {root}{hint}")
-    masks = _index_masks(root / MASK_FOLDER)
     extra_columns = [c for c in frame.columns if c not in ("image_id", "dx", "lesion_id")]
     builder = ManifestBuilder(root, CLASSES)
     for row, record in enumerate(frame.to_dict("records")):
         image_id = str(record["image_id"]).strip()
-        path = images.get(image_id, root / f"{image_id}.jpg")  # missing files fail at decode, with a reason
+        path = images.get(image_id, f"{image_id}.jpg")  # relative to the root: a missing file fails at decode
         extra = {column: _typed(column, record[column]) for column in extra_columns}
         extra["malignant"] = is_malignant(str(record["dx"]).strip())
         builder.add(row, image_id, path, str(record["dx"]).strip(), masks.get(image_id), record["lesion_id"], extra)
     manifest, rejected = builder.build()
     dataset = Dataset("ham10000", root, CLASSES, manifest, rejected, dict(CLASS_NAMES), warnings)
     return require_rows(dataset)
+
+
+def _locate(root: Path) -> tuple[Path, dict[str, Path], dict[str, Path]]:
+    """The metadata file, images and masks (by image_id) of a local folder."""
+    return _find_metadata(root), _index_files(root, IMAGE_FOLDERS, suffix=".jpg"), _index_masks(root / MASK_FOLDER)
+
+
+def _locate_in_store(root: str) -> tuple[str, dict[str, str], dict[str, str]]:
+    """The same on object storage, from one listing of the root."""
+    try:
+        listing = Listing(root)
+    except StorageError as exc:
+        raise DatasetError(str(exc)) from exc
+    names = [n for n in (METADATA_FILE, "HAM10000_metadata", "HAM10000_metadata.tab") if listing.is_file(n)]
+    if not names:
+        raise DatasetError(f"{root} has no {METADATA_FILE}")
+    images: dict[str, str] = {}
+    for folder in IMAGE_FOLDERS:
+        for name in listing.files_in(folder, (".jpg",)):
+            images.setdefault(posixpath.basename(name)[: -len(".jpg")], listing.location(name))
+    suffix = "_segmentation.png"
+    masks = {
+        posixpath.basename(name)[: -len(suffix)]: listing.location(name)
+        for name in listing.files_in(MASK_FOLDER, (suffix,), recursive=True)
+    }
+    return listing.location(names[0]), images, masks
 
 
 def _find_metadata(root: Path) -> Path:

@@ -94,6 +94,42 @@ def stamp(location: str | os.PathLike) -> Stamp:
     return Stamp(int(info.size or 0), int(info.mtime_ns or 0))
 
 
+class Listing:
+    """The files under a root on object storage, by relative POSIX path, from one recursive listing
+    (a store has no folders to walk, only keys to list)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/")
+        fs, path = _resolve(self.root)
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        except OSError as exc:
+            raise StorageError(_reason(root, exc)) from exc
+        prefix = path.rstrip("/") + "/"
+        self.files = {info.path[len(prefix) :] for info in infos if info.type == pafs.FileType.File}
+
+    def location(self, relative: str) -> str:
+        parts = urlsplit(self.root)
+        return urlunsplit(parts._replace(path=posixpath.join(parts.path, relative)))
+
+    def is_file(self, relative: str) -> bool:
+        return relative in self.files
+
+    def folders(self) -> list[str]:
+        """The top-level folders (those holding at least one file)."""
+        return sorted({name.split("/", 1)[0] for name in self.files if "/" in name})
+
+    def files_in(self, folder: str, suffixes: tuple[str, ...], recursive: bool = False) -> list[str]:
+        """Relative paths of the files with one of ``suffixes`` in ``folder`` ("." is the root)."""
+        prefix = "" if folder in (".", "") else folder.strip("/") + "/"
+        found = []
+        for name in sorted(self.files):
+            rest = name[len(prefix) :] if name.startswith(prefix) else None
+            if rest and (recursive or "/" not in rest) and rest.lower().endswith(suffixes):
+                found.append(name)
+        return found
+
+
 def file_sizes(locations: list[str]) -> dict[str, int]:
     """Size of each file that exists, by location: one listing per folder on object storage (not
     one request per object), a stat per file locally."""
