@@ -286,9 +286,7 @@ LOCATION = Location()
     help="dataset folder (for manifest: the CSV/Parquet file, also on object storage: s3://, gs://, hdfs://)",
 )
 @model_options
-@click.option(
-    "--out", type=click.Path(path_type=Path), help=f"runs go to OUT/NAME/<run_id>/ [default: {_default('out')}]"
-)
+@click.option("--out", type=LOCATION, help=f"runs go to OUT/NAME/<run_id>/ [default: {_default('out')}]")
 @click.option(
     "--name", help="the audit's name: its history folder under OUT [default: the data folder's name, else the dataset]"
 )
@@ -336,7 +334,7 @@ LOCATION = Location()
 @click.option("--keep", type=click.IntRange(min=1), help="keep this audit's newest N runs (never the baseline)")
 @click.option(
     "--baseline",
-    type=click.Path(path_type=Path),
+    type=LOCATION,
     help="compare with this run (a run folder or a baseline/latest pointer)",
 )
 @TOLERANCE

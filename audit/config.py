@@ -156,6 +156,14 @@ class RunConfig:
             raise ConfigError(f"gallery must be >= 0, got {self.gallery}")
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
             raise ConfigError(f"name must be a folder name of letters, digits, '.', '_' and '-', got {self.name!r}")
+        from audit.data.storage import is_uri
+
+        stored = [name for name in ("out", "baseline") if getattr(self, name) and is_uri(getattr(self, name))]
+        if stored:
+            raise ConfigError(
+                f"{stored[0]} must be a local or mounted folder: runs on object storage are not supported yet "
+                "(a dataset may be: see data_dir)"
+            )
         if not self.report and (self.fail_on or self.baseline):
             raise ConfigError("fail_on and baseline need the report stage: leave report on (or drop them)")
 

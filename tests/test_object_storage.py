@@ -137,6 +137,15 @@ def test_configs_keep_uris_as_they_are(tmp_path):
     assert read_config_file(tmp_path / "audit.toml")["data_dir"] == uri  # not resolved against the file's folder
 
 
+def test_runs_on_object_storage_are_refused_in_one_line_not_written_to_a_local_s3_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(
+        main, ["run", "--dataset", "synthetic", "--model", "m.pt", "--out", f"s3://{BUCKET}/runs"]
+    )
+    assert result.exit_code == 2 and "out must be a local or mounted folder" in result.output
+    assert not (tmp_path / "s3:").exists()
+
+
 def _rows(run_dir) -> pd.DataFrame:
     files = sorted((run_dir / OUTPUT_DIR).glob("*.parquet"))
     return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True).sort_values("image_id")

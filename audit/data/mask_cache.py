@@ -51,7 +51,6 @@ class MaskCache:
 
     def __init__(self, folder: Path | None, size: tuple[int, int]) -> None:
         self.folder, self.size = folder, tuple(size)
-        self.hits = self.misses = 0
 
     def provided(self, mask: str, image_size: tuple[int, int], compute: Callable[[], np.ndarray]) -> np.ndarray:
         key = self._key("provided", mask, list(image_size))
@@ -79,9 +78,7 @@ class MaskCache:
         if key is not None:
             found = self._read(key)
             if found is not None:
-                self.hits += 1
                 return found
-        self.misses += 1
         mask = compute()
         if key is not None:
             self._write(key, mask)

@@ -74,8 +74,6 @@ def read_bytes(location: str | os.PathLike) -> bytes:
             return stream.read()
     except FileNotFoundError as exc:
         raise StorageError(f"file not found: {location}") from exc
-    except IsADirectoryError as exc:
-        raise StorageError(f"not a file: {location}") from exc
     except OSError as exc:
         raise StorageError(_reason(location, exc)) from exc
 
@@ -157,7 +155,7 @@ def file_sizes(locations: list[str]) -> dict[str, int]:
 def _resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     text = os.fspath(location)
     if not is_uri(text):
-        return pafs.LocalFileSystem(), os.path.abspath(text)
+        return _LOCAL, os.path.abspath(text)
     parts = urlsplit(text)
     key = (parts.scheme.lower(), parts.netloc, parts.query)
     try:
@@ -170,6 +168,7 @@ def _resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return _FILESYSTEMS[key], unquote(inside)
 
 
+_LOCAL = pafs.LocalFileSystem()
 _FILESYSTEMS: dict[tuple[str, str, str], pafs.FileSystem] = {}  # one per store: scheme, bucket or host, options
 
 

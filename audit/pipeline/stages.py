@@ -37,17 +37,12 @@ def decode_rows(
 ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """A read batch's images on ``device`` ((N, 3, h, w) uint8), its masks ((N, h, w) bool, False
     where a row has none), and per row the decode error ("" where it decoded)."""
-    n = len(batch["image_id"])
-    readable = [i for i in range(n) if not batch["decode_stage"][i]]
-    images = torch.zeros((n, 3, *size), dtype=torch.uint8, device=device)
-    decoded, failed = decode_on_device(
-        [batch["payload"][i] for i in readable], [batch["payload_kind"][i] for i in readable], size, device
-    )
-    if readable:
-        images[torch.tensor(readable, device=device)] = decoded
-    errors = np.full(n, "", dtype=object)
-    for position, reason in failed.items():
-        errors[readable[position]] = reason
+    # A row the read stage failed (its image, or its mask) is not decoded: no kind, a zero image.
+    kinds = ["" if stage else kind for kind, stage in zip(batch["payload_kind"], batch["decode_stage"])]
+    images, failed = decode_on_device(batch["payload"], kinds, size, device)
+    errors = np.full(len(kinds), "", dtype=object)
+    for row, reason in failed.items():
+        errors[row] = reason
     return images, unpack_masks(batch["mask_bits"], size), errors
 
 
