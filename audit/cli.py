@@ -204,7 +204,7 @@ GALLERY = click.option(
 
 
 def _report(
-    run_dir: Path,
+    run_dir: Path | str,
     overrides: dict,
     gallery: int,
     stream,
@@ -214,9 +214,8 @@ def _report(
 ) -> ReportResult:
     from audit.report import build_report
 
-    baseline_dir = Path(baseline) if baseline else None
     result = build_report(
-        run_dir, overrides, gallery=gallery, baseline=baseline_dir, tolerance=tolerance, cluster_method=cluster_method
+        run_dir, overrides, gallery=gallery, baseline=baseline, tolerance=tolerance, cluster_method=cluster_method
     )
     for line in result.headline():
         click.echo(line, file=stream)
@@ -331,6 +330,11 @@ LOCATION = Location()
     "--delta", type=click.FloatRange(0, 1, min_open=True), help=f"IoU threshold of a map [default: {_default('delta')}]"
 )
 @click.option("--actors", type=click.IntRange(min=1), help="explain actors (default: one per GPU, else per node)")
+@click.option(
+    "--node-resource",
+    metavar="NAME",
+    help="run the job on the Ray nodes that hold this custom resource (ray start --resources='{\"NAME\": 1}')",
+)
 @click.option("--keep", type=click.IntRange(min=1), help="keep this audit's newest N runs (never the baseline)")
 @click.option(
     "--baseline",
@@ -338,7 +342,7 @@ LOCATION = Location()
     help="compare with this run (a run folder or a baseline/latest pointer)",
 )
 @TOLERANCE
-@click.option("--resume", "resume_dir", type=click.Path(path_type=Path), help="finish an interrupted run")
+@click.option("--resume", "resume_dir", type=LOCATION, help="finish an interrupted run (a folder or a URI)")
 @click.option("--report/--no-report", default=None, help="end with the report stage [default: report]")
 @click.option("--batch-delay", default=0.0, type=float, hidden=True, help="tests: seconds of sleep per batch")
 @FAIL_ON
@@ -367,7 +371,7 @@ def run_command(ctx: click.Context, config_file: Path | None, resume_dir: Path |
     without recomputing.
     """
     from audit.config import build_config
-    from audit.history import prune, resolve_run
+    from audit.history import history_of, location, prune, resolve_run
     from audit.pipeline.run import Execution, resume_audit, run_audit
 
     typed = _typed(ctx, not_config=("config_file", "resume_dir", "batch_delay"))
@@ -391,26 +395,27 @@ def run_command(ctx: click.Context, config_file: Path | None, resume_dir: Path |
     result = None
     if config.report:
         result = _report(run_dir, {}, config.gallery, sys.stderr, config.baseline, config.tolerance)
-        click.echo(f"report: {result.html_path}", err=True)
+        click.echo(f"report: {result.html_location}", err=True)
     if config.keep:
-        for gone in prune(run_dir.parent, config.keep, protect=(run_dir, config.baseline and Path(config.baseline))):
+        for gone in prune(history_of(run_dir), config.keep, protect=(run_dir, config.baseline)):
             click.echo(f"deleted old run: {gone}", err=True)
-    click.echo(run_dir)
+    click.echo(location(run_dir))
     if config.fail_on and result is not None and result.reaches(config.fail_on):
         sys.exit(1)
 
 
 def _baseline(path: str | None) -> str | None:
     """The run folder to compare with; a ``baseline``/``latest`` pointer not yet set means none (first run)."""
-    from audit.history import POINTERS, resolve_run
+    from audit.data.storage import is_uri
+    from audit.history import POINTERS, location, pointer_exists, resolve_run
 
     if not path:
         return None
-    pointer = Path(path)
-    if pointer.name in POINTERS and not (pointer.exists() or pointer.is_symlink()):
+    pointer = str(path) if is_uri(path) else Path(path)
+    if str(pointer).rstrip("/").rsplit("/", 1)[-1] in POINTERS and not pointer_exists(pointer):
         click.echo(f"note: nothing at {pointer} yet, so this run is not compared with a baseline", err=True)
         return None
-    return str(resolve_run(pointer))
+    return location(resolve_run(pointer))
 
 
 def _run_config(run_dir: Path):
@@ -420,14 +425,14 @@ def _run_config(run_dir: Path):
 
 
 @main.command("report")
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=LOCATION)
 @FAIL_ON
 @GALLERY
 @CLUSTER_METHOD
 @click.option("--json", "as_json", is_flag=True, help="print summary.json instead of the verdict lines")
 @threshold_options
 def report_command(
-    run_dir: Path, fail_on: str | None, gallery: int, cluster_method: str | None, as_json: bool, **options
+    run_dir: Path | str, fail_on: str | None, gallery: int, cluster_method: str | None, as_json: bool, **options
 ) -> None:
     """Aggregate a run per class, flag it, and write summary.json and report.html into RUN_DIR.
 
@@ -437,7 +442,7 @@ def report_command(
     """
     stream = sys.stderr if as_json else sys.stdout
     result = _report(run_dir, _thresholds(options), gallery, stream, cluster_method=cluster_method)
-    click.echo(json.dumps(result.summary, indent=2) if as_json else f"report: {result.html_path}")
+    click.echo(json.dumps(result.summary, indent=2) if as_json else f"report: {result.html_location}")
     if fail_on and result.reaches(fail_on):
         sys.exit(1)
 
@@ -523,8 +528,8 @@ def model_inspect_command(spec, weights, classes, input_size, mean, std, target_
 
 
 @main.command("compare")
-@click.argument("baseline_run", type=click.Path(path_type=Path))
-@click.argument("run_dir", metavar="RUN", type=click.Path(path_type=Path))
+@click.argument("baseline_run", type=LOCATION)
+@click.argument("run_dir", metavar="RUN", type=LOCATION)
 @FAIL_ON
 @TOLERANCE
 @GALLERY
@@ -532,8 +537,8 @@ def model_inspect_command(spec, weights, classes, input_size, mean, std, target_
 @click.option("--json", "as_json", is_flag=True, help="print compare.json instead of the verdict lines")
 @threshold_options
 def compare_command(
-    baseline_run: Path,
-    run_dir: Path,
+    baseline_run: Path | str,
+    run_dir: Path | str,
     fail_on: str | None,
     tolerance: float | None,
     gallery: int,
@@ -563,24 +568,24 @@ def compare_command(
     for line in result.comparison.headline():
         click.echo(line, file=stream)
     comparison = result.comparison.to_dict()
-    click.echo(json.dumps(comparison, indent=2) if as_json else f"report: {result.html_path}")
+    click.echo(json.dumps(comparison, indent=2) if as_json else f"report: {result.html_location}")
     if fail_on and result.comparison.reaches(fail_on):
         sys.exit(1)
 
 
 @main.command("baseline")
-@click.argument("run_dir", type=click.Path(path_type=Path))
-def baseline_command(run_dir: Path) -> None:
+@click.argument("run_dir", type=LOCATION)
+def baseline_command(run_dir: Path | str) -> None:
     """Pin RUN_DIR as its audit's baseline: OUT/NAME/baseline then names it.
 
     Retention (--keep) never deletes the pinned run, and `audit run --baseline OUT/NAME/baseline`
     (or `baseline = ...` in a config file) compares every new run with it. Prints the pointer.
     """
-    from audit.history import BASELINE, point, read_run_info, resolve_run
+    from audit.history import BASELINE, history_of, point, read_run_info, resolve_run
 
     run_dir = resolve_run(run_dir)
     read_run_info(run_dir)  # a run of ours, not a folder that happens to hold a run.json
-    click.echo(point(run_dir.parent, BASELINE, run_dir))
+    click.echo(point(history_of(run_dir), BASELINE, run_dir))
 
 
 @main.group()

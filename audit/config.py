@@ -86,7 +86,9 @@ class RunConfig:
 
     How to run it and what to do with it: ``name`` is the audit's name: runs go to
     ``out/name/<run_id>/`` (default: the name of ``data_dir``, else the dataset kind).
-    ``actors``: explain actors (default: one per GPU, else one per node). ``batch_size``: images
+    ``actors``: explain actors (default: one per GPU, else one per node). ``node_resource``: a
+    custom Ray resource (``ray start --resources='{"audit": 1}'``) that places the job's read
+    tasks and explain actors on the nodes holding it. ``batch_size``: images
     per batch (default: 256 on a GPU, 32 on a CPU; run.json ``execution`` records it). ``keep``: how many
     runs of this audit to keep (the baseline and the ``latest`` run are never deleted).
     ``baseline``: a run to compare with at the end. ``cluster_method``: the maps the report
@@ -120,6 +122,7 @@ class RunConfig:
     topk: float = 0.2
     delta: float = 0.5
     actors: int | None = None
+    node_resource: str | None = None
     keep: int | None = None
     report: bool = True
     gallery: int = 8
@@ -156,14 +159,6 @@ class RunConfig:
             raise ConfigError(f"gallery must be >= 0, got {self.gallery}")
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
             raise ConfigError(f"name must be a folder name of letters, digits, '.', '_' and '-', got {self.name!r}")
-        from audit.data.storage import is_uri
-
-        stored = [name for name in ("out", "baseline") if getattr(self, name) and is_uri(getattr(self, name))]
-        if stored:
-            raise ConfigError(
-                f"{stored[0]} must be a local or mounted folder: runs on object storage are not supported yet "
-                "(a dataset may be: see data_dir)"
-            )
         if not self.report and (self.fail_on or self.baseline):
             raise ConfigError("fail_on and baseline need the report stage: leave report on (or drop them)")
 

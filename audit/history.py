@@ -9,10 +9,12 @@ the same hash computed the same thing. Beside the runs, two pointers name a run 
 * ``baseline``: the run that later runs are compared with, set by ``audit baseline RUN_DIR``.
 
 A pointer is a relative symbolic link (``cat OUT/N/latest/summary.json`` works), or a one-line
-text file holding the run id where the filesystem has no symbolic links. ``--keep K`` deletes the
+text file holding the run id where the filesystem has no symbolic links and on object storage. ``--keep K`` deletes the
 oldest runs beyond the newest K, but never a run a pointer names, the baseline a run was compared
 with, a live run, or the baseline a live run compares with. Moving a pointer and deleting runs
-take a lock on the history, so concurrent runs of one audit are safe.
+take a lock on the history, so concurrent runs of one audit are safe. ``OUT`` may be a URI
+(``s3://bucket/audits``): :mod:`audit.run_store` says how such runs are written and read, and
+how a history without a lock stays safe.
 
 A running driver holds a *lease* in its run.json (its host, process id and a heartbeat it
 refreshes every ``LEASE_INTERVAL_S``), so a run killed hard (SIGKILL, a pod eviction), which can
@@ -36,6 +38,10 @@ from pathlib import Path
 
 import psutil
 
+from audit import run_store
+from audit.data.storage import StorageError, child, is_uri
+from audit.data.storage import is_file as storage_is_file
+from audit.data.storage import read_bytes as storage_read
 from audit.errors import AuditError, first_line
 
 RUN_FILE = "run.json"
@@ -70,8 +76,36 @@ def run_id(started: datetime, digest: str) -> str:
     return f"{started:%Y%m%d-%H%M%S}-{digest}"
 
 
-def create_run_dir(history: Path, wanted_id: str) -> Path:
-    """A new, empty run folder; a second run with the same id in the same second gets ``-2``, ``-3``..."""
+def history_folder(out: str, name: str) -> Path | str:
+    """Where an audit's runs live: ``OUT/NAME``, a folder or a URI."""
+    return child(out, name) if is_uri(out) else Path(out) / name
+
+
+def history_of(run_dir: Path) -> Path | str:
+    """The history a run belongs to (a URI for the working copy of a run on object storage)."""
+    uri = run_store.origin(run_dir)
+    return uri.rsplit("/", 1)[0] if uri else Path(run_dir).parent
+
+
+def location(run_dir: Path) -> str:
+    """Where a run lives, as a user names it: its URI when it is on object storage, else its folder."""
+    return run_store.origin(run_dir) or str(run_dir)
+
+
+def check_writable(history: Path | str) -> None:
+    """On object storage, fail before any work when the history cannot be written (no bucket, a
+    credential the store refuses): one small object written and deleted. Local folders need none."""
+    if is_uri(history):
+        with _storage_errors():
+            run_store.check_writable(str(history))
+
+
+def create_run_dir(history: Path | str, wanted_id: str) -> Path:
+    """A new, empty run folder; a second run with the same id in the same second gets ``-2``, ``-3``...
+    On object storage, the run's working copy (:mod:`audit.run_store`)."""
+    if is_uri(history):
+        with _storage_errors():
+            return run_store.claim_run(str(history), wanted_id)
     history.mkdir(parents=True, exist_ok=True)
     for attempt in range(1, 1000):
         candidate = history / (wanted_id if attempt == 1 else f"{wanted_id}-{attempt}")
@@ -83,12 +117,18 @@ def create_run_dir(history: Path, wanted_id: str) -> Path:
     raise HistoryError(f"cannot create a run folder for {wanted_id} in {history}")
 
 
-def is_run(path: Path) -> bool:
-    return (path / RUN_FILE).is_file()
+def is_run(path: Path | str) -> bool:
+    if is_uri(path):
+        with _storage_errors():
+            return storage_is_file(child(str(path), RUN_FILE))
+    return (Path(path) / RUN_FILE).is_file()
 
 
-def resolve_run(path: Path) -> Path:
-    """The run folder ``path`` names: a run folder itself, or a ``latest``/``baseline`` pointer."""
+def resolve_run(path: Path | str) -> Path:
+    """The run folder ``path`` names: a run folder itself, or a ``latest``/``baseline`` pointer.
+    A run on object storage is fetched into its working copy, whose folder is returned."""
+    if is_uri(path):
+        return _resolve_stored(str(path).rstrip("/"))
     path = Path(path).expanduser()
     if path.is_file() and path.name in POINTERS:
         path = path.parent / path.read_text(encoding="utf-8").strip()
@@ -190,8 +230,13 @@ def pointed(history: Path, pointer: str) -> Path | None:
         return None
 
 
-def point(history: Path, pointer: str, run_dir: Path) -> Path:
+def point(history: Path | str, pointer: str, run_dir: Path) -> Path | str:
     """Make ``history/pointer`` name ``run_dir`` (a run of this history), atomically."""
+    if is_uri(history):
+        if history_of(run_dir) != history:
+            raise HistoryError(f"{location(run_dir)} is not a run of {history}")
+        with _storage_errors():
+            return run_store.write_pointer(str(history), pointer, Path(run_dir).name)
     run_dir = Path(run_dir).resolve()
     if run_dir.parent != Path(history).resolve():
         raise HistoryError(f"{run_dir} is not a run of {history}")
@@ -207,8 +252,25 @@ def point(history: Path, pointer: str, run_dir: Path) -> Path:
     return link
 
 
+def pointer_exists(location: Path | str) -> bool:
+    """Whether a ``latest``/``baseline`` pointer names a run yet."""
+    if is_uri(location):
+        history, pointer = str(location).rstrip("/").rsplit("/", 1)
+        with _storage_errors():
+            return _stored_pointer(history, pointer) is not None
+    return Path(location).exists() or Path(location).is_symlink()
+
+
 def mark_latest(run_dir: Path) -> None:
     """Point ``latest`` at a run that completed, unless a newer run already holds it."""
+    uri = run_store.origin(run_dir)
+    if uri:
+        history, run = uri.rsplit("/", 1)
+        with _storage_errors():
+            current = _stored_pointer(history, LATEST)
+            if current is None or _order_id(current) <= _order_id(run):
+                run_store.write_pointer(history, LATEST, run)
+        return
     history = run_dir.parent
     with _locked(history):
         current = pointed(history, LATEST)
@@ -223,12 +285,15 @@ def runs(history: Path) -> list[Path]:
     return sorted((p for p in history.iterdir() if p.is_dir() and not p.is_symlink() and is_run(p)), key=_order)
 
 
-def prune(history: Path, keep: int, protect: tuple[Path | None, ...] = ()) -> list[Path]:
+def prune(history: Path | str, keep: int, protect: tuple[Path | str | None, ...] = ()) -> list[Path | str]:
     """Delete the runs older than the newest ``keep``; returns what was deleted.
 
     Never deleted: the runs that a pointer or ``protect`` names, live runs (another job may be
     writing them) and the baselines those live runs compare with. A run whose driver died (see
     :func:`liveness`) is pruned like a finished one."""
+    if is_uri(history):
+        with _storage_errors():
+            return _prune_stored(str(history), keep, protect)
     with _locked(history):
         protected = {p.resolve() for p in protect if p is not None}
         protected |= {run for run in (pointed(history, p) for p in POINTERS) if run is not None}
@@ -268,6 +333,72 @@ def _info(run: Path) -> dict:
 
 
 def _order(run: Path) -> tuple[str, int]:
+    return _order_id(run.name)
+
+
+def _order_id(run_id: str) -> tuple[str, int]:
     """By id; ``-2`` suffixes (same second, same hash) after their first."""
-    base, _, suffix = run.name.rpartition("-")
-    return (base, int(suffix)) if suffix.isdigit() and len(suffix) < 4 else (run.name, 1)
+    base, _, suffix = run_id.rpartition("-")
+    return (base, int(suffix)) if suffix.isdigit() and len(suffix) < 4 else (run_id, 1)
+
+
+# Histories on object storage (no lock: see audit.run_store)
+
+
+def _resolve_stored(uri: str) -> Path:
+    history, name = uri.rsplit("/", 1)
+    with _storage_errors():
+        if name in POINTERS:
+            run = _stored_pointer(history, name)
+            if run is None:
+                raise HistoryError(f"no run at {uri}")
+            uri = child(history, run)
+        if not storage_is_file(child(uri, RUN_FILE)):
+            raise HistoryError(f"no run at {uri} (no {RUN_FILE})")
+        return run_store.fetch(uri)
+
+
+def _stored_pointer(history: str, pointer: str) -> str | None:
+    """The run a pointer names as readers see it: ``latest`` is the newest complete run no older
+    than the one its file names (two runs finishing together may leave the file a step behind)."""
+    named = run_store.read_pointer(history, pointer)
+    ids = sorted(run_store.run_ids(history), key=_order_id)
+    if pointer == LATEST:
+        for run in reversed(ids):
+            if named is not None and _order_id(run) <= _order_id(named):
+                break
+            if _stored_info(history, run).get("status") == "complete":
+                return run
+    return named if named in ids else None
+
+
+def _prune_stored(history: str, keep: int, protect: tuple[Path | str | None, ...]) -> list[str]:
+    ids = sorted(run_store.run_ids(history), key=_order_id)
+    protected = {location(p) if isinstance(p, Path) else str(p).rstrip("/") for p in protect if p}
+    protected |= {child(history, run) for run in (_stored_pointer(history, p) for p in POINTERS) if run}
+    infos = {run: _stored_info(history, run) for run in ids}
+    running = {run for run, info in infos.items() if liveness(info) == "live"}
+    protected |= {str((infos[run].get("config") or {}).get("baseline") or "").rstrip("/") for run in running}
+    deleted = []
+    for run in ids[:-keep] if keep else ids:
+        if child(history, run) in protected or run in running:
+            continue
+        run_store.delete_run(child(history, run))
+        deleted.append(child(history, run))
+    return deleted
+
+
+def _stored_info(history: str, run: str) -> dict:
+    try:
+        return json.loads(storage_read(child(history, f"{run}/{RUN_FILE}")))
+    except (StorageError, ValueError):
+        return {}
+
+
+@contextmanager
+def _storage_errors() -> Iterator[None]:
+    """A store that cannot be reached, or refuses, is a one-line history error."""
+    try:
+        yield
+    except StorageError as exc:
+        raise HistoryError(str(exc)) from None

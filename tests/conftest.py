@@ -20,6 +20,8 @@ from torch import nn
 
 from audit.models import build_model
 
+pytest_plugins = ["tests.storage_fixtures"]  # the object-storage tests' dataset
+
 # The mask cache of a test session is its own (an empty one): tests never read a developer's cache.
 os.environ["CAM_AUDIT_CACHE"] = tempfile.mkdtemp(prefix="cam-audit-test-cache-")
 
@@ -165,7 +167,7 @@ def ray_head(tmp_path):
     else:
         pytest.fail("the Ray head did not come up in 120 s")
     # RAY_ADDRESS: the job server (ray job submit); RAY_HEAD_GCS: the cluster itself (audit run --address)
-    yield {**env, "RAY_ADDRESS": address, "RAY_HEAD_GCS": f"127.0.0.1:{gcs}"}
+    yield {**env, "RAY_ADDRESS": address, "RAY_HEAD_GCS": f"127.0.0.1:{gcs}", "TEST_RAY_TEMP_DIR": temp_dir}
     _stop_head(head, temp_dir)
 
 

@@ -13,61 +13,10 @@ from click.testing import CliRunner
 from audit.cli import main
 from audit.config import RunConfig
 from audit.data import DatasetError, load_dataset
-from audit.data.ham10000 import CLASSES
 from audit.data.storage import StorageError, read_bytes
-from audit.data.synthetic import Shortcut, SyntheticSpec, generate
-from audit.models.checkpoint import save_random_checkpoint
 from audit.pipeline.run import OUTPUT_DIR, Execution, run_audit
 
-BUCKET = "audit-data"
-IMAGES = 10
-
-
-@pytest.fixture(scope="module")
-def local_copy(tmp_path_factory):
-    """The same dataset on disk: a manifest with relative paths next to its images and masks."""
-    root = generate(
-        tmp_path_factory.mktemp("local") / "syn",
-        SyntheticSpec(images=IMAGES, height=48, width=64, shortcuts={"df": Shortcut("patch")}, seed=7),
-        workers=1,
-    )
-    frame = load_dataset("synthetic", root).manifest
-    rows = pd.DataFrame(
-        {
-            "image_id": frame["image_id"],
-            "path": [p.split(f"{root}/", 1)[1] for p in frame["path"]],
-            "mask_path": [p.split(f"{root}/", 1)[1] for p in frame["mask_path"]],
-            "label_name": frame["label_name"],
-        }
-    )
-    extra = pd.DataFrame(
-        {
-            "image_id": ["gone", "escape"],
-            "path": ["HAM10000_images_part_1/gone.jpg", "../elsewhere/x.jpg"],
-            "mask_path": [None, None],
-            "label_name": ["nv", "nv"],
-        }
-    )
-    pd.concat([rows, extra]).to_csv(root / "manifest.csv", index=False)
-    return root
-
-
-@pytest.fixture(scope="module")
-def bucket_copy(s3, local_copy):
-    """The dataset uploaded to s3://audit-data/ds/ as it lies on disk."""
-    s3.create_dir(BUCKET)
-    for path in local_copy.rglob("*"):
-        if path.is_file():
-            with s3.open_output_stream(f"{BUCKET}/ds/{path.relative_to(local_copy)}") as out:
-                out.write(path.read_bytes())
-    return f"s3://{BUCKET}/ds/manifest.csv"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    save_random_checkpoint(path, "resnet18", CLASSES, (32, 32))
-    return path
+from .storage_fixtures import BUCKET, IMAGES
 
 
 def test_a_manifest_in_a_bucket_names_objects_in_it(bucket_copy):
@@ -137,28 +86,19 @@ def test_configs_keep_uris_as_they_are(tmp_path):
     assert read_config_file(tmp_path / "audit.toml")["data_dir"] == uri  # not resolved against the file's folder
 
 
-def test_runs_on_object_storage_are_refused_in_one_line_not_written_to_a_local_s3_folder(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(
-        main, ["run", "--dataset", "synthetic", "--model", "m.pt", "--out", f"s3://{BUCKET}/runs"]
-    )
-    assert result.exit_code == 2 and "out must be a local or mounted folder" in result.output
-    assert not (tmp_path / "s3:").exists()
-
-
 def _rows(run_dir) -> pd.DataFrame:
     files = sorted((run_dir / OUTPUT_DIR).glob("*.parquet"))
     return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True).sort_values("image_id")
 
 
 def test_an_audit_of_the_bucket_equals_the_audit_of_the_same_files_on_disk(
-    ray_session, bucket_copy, local_copy, checkpoint, tmp_path
+    ray_session, bucket_copy, local_copy, store_checkpoint, tmp_path
 ):
     def audit(data_dir: str):
         config = RunConfig(
             dataset="manifest",
             data_dir=data_dir,
-            model=str(checkpoint),
+            model=str(store_checkpoint),
             out=str(tmp_path / "runs"),
             name="ds",
             batch_size=4,

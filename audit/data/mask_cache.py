@@ -37,13 +37,14 @@ CACHE_ENV = "CAM_AUDIT_CACHE"
 FORMAT = 1
 
 
-def cache_folder() -> Path | None:
-    """Where masks are cached, or None when the cache is off."""
+def cache_folder(kind: str = "masks") -> Path | None:
+    """Where cam-audit keeps ``kind`` (``masks``; ``runs``, the working copies of runs on object
+    storage) on this node, or None when the cache is off."""
     chosen = os.environ.get(CACHE_ENV)
     if chosen:
-        return None if chosen.lower() in ("off", "none", "0") else Path(chosen) / "masks"
+        return None if chosen.lower() in ("off", "none", "0") else Path(chosen) / kind
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "cam-audit" / "masks"
+    return Path(base) / "cam-audit" / kind
 
 
 class MaskCache:

@@ -19,13 +19,13 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
-from audit.errors import first_line
+from audit.errors import AuditError, first_line
 
 OBJECT_STORES = ("s3", "gs", "gcs")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-class StorageError(Exception):
+class StorageError(AuditError):
     """A file that cannot be read, with a one-line reason."""
 
 
@@ -92,6 +92,44 @@ def stamp(location: str | os.PathLike) -> Stamp:
     return Stamp(int(info.size or 0), int(info.mtime_ns or 0))
 
 
+def write_bytes(location: str, data: bytes) -> None:
+    """Write a whole file; on object storage one PUT, so readers see the old object or the new one."""
+    fs, path = _resolve(location)
+    try:
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+    except OSError as exc:
+        raise StorageError(f"cannot write {location}: {first_line(exc)}") from exc
+
+
+def delete(location: str, folder: bool = False) -> None:
+    """Delete a file (or a folder and all under it); one that is already gone is no error."""
+    fs, path = _resolve(location)
+    try:
+        if folder:
+            fs.delete_dir_contents(path, missing_dir_ok=True)
+            if fs.get_file_info(path).type == pafs.FileType.Directory:
+                fs.delete_dir(path)
+        elif fs.get_file_info(path).type == pafs.FileType.File:
+            fs.delete_file(path)
+    except OSError as exc:
+        raise StorageError(f"cannot delete {location}: {first_line(exc)}") from exc
+
+
+def is_file(location: str) -> bool:
+    fs, path = _resolve(location)
+    try:
+        return fs.get_file_info(path).type == pafs.FileType.File
+    except OSError as exc:
+        raise StorageError(_reason(location, exc)) from exc
+
+
+def child(uri: str, name: str) -> str:
+    """``name`` (a relative POSIX path) under the URI ``uri``."""
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(path=posixpath.join(parts.path.rstrip("/") or "/", name)))
+
+
 class Listing:
     """The files under a root on object storage, by relative POSIX path, from one recursive listing
     (a store has no folders to walk, only keys to list)."""
@@ -104,11 +142,13 @@ class Listing:
         except OSError as exc:
             raise StorageError(_reason(root, exc)) from exc
         prefix = path.rstrip("/") + "/"
-        self.files = {info.path[len(prefix) :] for info in infos if info.type == pafs.FileType.File}
+        self.sizes = {
+            info.path[len(prefix) :]: int(info.size or 0) for info in infos if info.type == pafs.FileType.File
+        }
+        self.files = set(self.sizes)
 
     def location(self, relative: str) -> str:
-        parts = urlsplit(self.root)
-        return urlunsplit(parts._replace(path=posixpath.join(parts.path, relative)))
+        return child(self.root, relative)
 
     def is_file(self, relative: str) -> bool:
         return relative in self.files

@@ -12,7 +12,7 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from audit.errors import AuditError, first_line
 
@@ -57,6 +57,9 @@ class ResourcePlan:
     GPUs: one actor per GPU (``num_gpus=1``). CPU only: one actor per node, reserving one CPU
     and running torch on all but one of the node's cores (at least one), so the read tasks
     always find a free CPU and the job cannot starve itself (ray-project/ray#44687).
+    With a ``node_resource``, the plan counts only the nodes holding that custom resource, and
+    every read task and actor asks for ``NODE_RESOURCE_SHARE`` of it (``resources``), which
+    places them there without limiting how many run at once.
     """
 
     actors: int
@@ -64,23 +67,34 @@ class ResourcePlan:
     cpus_per_actor: float
     torch_threads: int
     read_cpus: float
+    resources: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return self.__dict__.copy()
+        return {**self.__dict__, "resources": dict(self.resources)}
 
 
-def plan_resources(actors: int | None = None) -> ResourcePlan:
+NODE_RESOURCE_SHARE = 0.001
+
+
+def plan_resources(actors: int | None = None, node_resource: str | None = None) -> ResourcePlan:
     import ray
 
-    resources = ray.cluster_resources()
-    cpus = int(resources.get("CPU", os.cpu_count() or 1))
-    gpus = int(resources.get("GPU", 0))
-    nodes = max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if node_resource:
+        nodes = [node for node in nodes if node.get("Resources", {}).get(node_resource)]
+        if not nodes:
+            raise ClusterError(
+                f"no node of the Ray cluster has the resource {node_resource!r} "
+                f"(start one with ray start --resources='{{\"{node_resource}\": 1}}')"
+            )
+    cpus = int(sum(node.get("Resources", {}).get("CPU", 0) for node in nodes)) or os.cpu_count() or 1
+    gpus = int(sum(node.get("Resources", {}).get("GPU", 0) for node in nodes))
+    placed = {node_resource: NODE_RESOURCE_SHARE} if node_resource else {}
     if gpus:
-        return ResourcePlan(actors or gpus, 1.0, 1.0, max(1, cpus // max(1, gpus) - 1), 1.0)
-    per_node = max(1, cpus // nodes)
+        return ResourcePlan(actors or gpus, 1.0, 1.0, max(1, cpus // max(1, gpus) - 1), 1.0, placed)
+    per_node = max(1, cpus // max(1, len(nodes)))
     threads = max(1, per_node - 1) if per_node > 2 else per_node
-    return ResourcePlan(actors or nodes, 0.0, 1.0 if per_node > 1 else 0.5, threads, 0.5)
+    return ResourcePlan(actors or max(1, len(nodes)), 0.0, 1.0 if per_node > 1 else 0.5, threads, 0.5, placed)
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:

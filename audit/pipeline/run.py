@@ -41,7 +41,7 @@ from audit import history
 from audit.config import COMPUTED, RunConfig
 from audit.data import load_dataset
 from audit.data.manifest import BOX_COLUMNS, Dataset, with_missing_masks_as_none
-from audit.data.storage import file_sizes
+from audit.data.storage import StorageError, file_sizes
 from audit.errors import AuditError
 from audit.explain.sanity import SANITY_FILE
 from audit.models.anatomy import inspect_model
@@ -51,6 +51,7 @@ from audit.pipeline.cluster import check_reachable, plan_resources, ray_cluster
 from audit.pipeline.read import read_batch
 from audit.pipeline.schema import KEY, explanation_schema, to_table
 from audit.pipeline.stages import Explainer, one_line
+from audit.run_store import publish
 
 RUN_FILE = history.RUN_FILE
 MANIFEST_FILE = "manifest.parquet"
@@ -109,6 +110,7 @@ def run_audit(config: RunConfig, execution: Execution = Execution()) -> Path:
     """Start a new run; return its directory."""
     if config.address not in (None, "auto"):
         check_reachable(config.address)  # before writing anything
+    history.check_writable(history.history_folder(config.out, config.audit_name))
     state = _prepare(config.resolved())
     return _execute(state, execution)
 
@@ -169,7 +171,9 @@ def _prepare(config: RunConfig) -> RunState:
     anatomy = inspect_model(model.model, checkpoint.input_size, config.target_layer, config.classifier)
     started = datetime.now(timezone.utc)
     digest = hashlib.sha256(json.dumps([config.computed, model_sha, fingerprint]).encode()).hexdigest()[:8]
-    run_dir = history.create_run_dir(Path(config.out) / config.audit_name, history.run_id(started, digest))
+    run_dir = history.create_run_dir(
+        history.history_folder(config.out, config.audit_name), history.run_id(started, digest)
+    )
     (run_dir / OUTPUT_DIR).mkdir()
 
     manifest = manifest.assign(kinds=[list(config.target_kinds)] * len(manifest))
@@ -178,6 +182,7 @@ def _prepare(config: RunConfig) -> RunState:
     schema = explanation_schema(pa.Schema.from_pandas(manifest, preserve_index=False), with_boxes)
     pq.write_table(schema.empty_table(), run_dir / "schema.parquet")
     _write_atomic(_rejected_rows(rejected, config.target_kinds, schema), run_dir / OUTPUT_DIR / REJECTED_FILE)
+    publish(run_dir, MANIFEST_FILE, "schema.parquet", f"{OUTPUT_DIR}/{REJECTED_FILE}")
     info = {
         "run_id": run_dir.name,
         "audit": config.audit_name,
@@ -224,7 +229,7 @@ def _execute(state: RunState, execution: Execution) -> Path:
     try:
         with _Heartbeat(state, execution.heartbeat_s), ray_cluster(state.config.address, model_code_env(state.config)):
             ready = time.perf_counter()
-            plan = plan_resources(state.config.actors)
+            plan = plan_resources(state.config.actors, state.config.node_resource)
             settle_execution(state, plan)
             state.record(
                 attempt,
@@ -297,6 +302,7 @@ def _run_pass(
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=plan.read_cpus,
+        resources=plan.resources or None,
     )
     explained = read.map_batches(
         Explainer,
@@ -314,6 +320,7 @@ def _run_pass(
         compute=ActorPoolStrategy(size=plan.actors),
         num_cpus=plan.cpus_per_actor,
         num_gpus=plan.gpus_per_actor or None,
+        resources=plan.resources or None,
     )
     # prefetch_batches=0: a batch is written as soon as it is explained, not when the next one is
     for table in explained.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
@@ -351,6 +358,7 @@ def _run_sanity(state: RunState, plan, checkpoint_ref) -> float:
     task = ray.remote(sanity_task).options(
         num_cpus=plan.cpus_per_actor,
         num_gpus=plan.gpus_per_actor or None,
+        resources=plan.resources or None,
         max_retries=1,
     )
     try:
@@ -360,6 +368,7 @@ def _run_sanity(state: RunState, plan, checkpoint_ref) -> float:
     partial = state.run_dir / f".{SANITY_FILE}.tmp"
     partial.write_text(json.dumps(result, indent=2), encoding="utf-8")
     partial.replace(state.run_dir / SANITY_FILE)
+    publish(state.run_dir, SANITY_FILE)
     return round(time.perf_counter() - began, 3)
 
 
@@ -369,6 +378,7 @@ def write_batch(table: pa.Table, folder: Path) -> Path:
     name = hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:20]
     path = folder / f"part-{name}.parquet"
     _write_atomic(table, path)
+    publish(folder.parent, f"{folder.name}/{path.name}")
     return path
 
 
@@ -402,6 +412,7 @@ def done_keys(run_dir: Path) -> pd.DataFrame:
             keys = pq.read_table(file, columns=list(KEY)).to_pandas()
         except (pa.ArrowInvalid, OSError):
             file.unlink()  # damaged (or cut off by a writer other than ours): its rows are recomputed
+            publish(run_dir, f"{OUTPUT_DIR}/{file.name}")
             continue
         tuples = list(zip(keys["image_id"], keys["target_kind"]))
         duplicated = [key in seen for key in tuples]
@@ -421,6 +432,7 @@ def _drop_rows(file: Path, drop: list[bool]) -> None:
         _write_atomic(kept, file)
     else:
         file.unlink()
+    publish(file.parent.parent, f"{OUTPUT_DIR}/{file.name}")
 
 
 def _finish(state: RunState, attempt: dict, began: float, status: str | None) -> None:
@@ -441,7 +453,10 @@ def _finish(state: RunState, attempt: dict, began: float, status: str | None) ->
     if status == "complete":
         history.mark_latest(state.run_dir)
     if status == "incomplete":
-        raise RunError(f"run {state.run_dir} holds {counts['rows']} rows, expected {expected}; resume it with --resume")
+        raise RunError(
+            f"run {history.location(state.run_dir)} holds {counts['rows']} rows, expected {expected}; "
+            "resume it with --resume"
+        )
 
 
 def _expected_rows(state: RunState) -> int:
@@ -554,6 +569,7 @@ def _write_info(run_dir: Path, info: dict) -> None:
     partial = run_dir / f".{RUN_FILE}.tmp"
     partial.write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
     partial.replace(run_dir / RUN_FILE)
+    publish(run_dir, RUN_FILE)
 
 
 def _now() -> str:
@@ -581,7 +597,10 @@ class _Heartbeat:
         while not self.stop.wait(self.interval):
             with self.state.lock:
                 self.state.info["lease"]["heartbeat"] = _now()
-                _write_info(self.state.run_dir, self.state.info)
+                try:
+                    _write_info(self.state.run_dir, self.state.info)
+                except StorageError:
+                    pass  # a store that did not answer this time: the next beat publishes again
 
 
 class _Progress:

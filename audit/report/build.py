@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from audit.config import DEFAULT_TOLERANCE
-from audit.history import is_run
+from audit.history import is_run, location
 from audit.report.compare import COMPARE_FILE, Comparison, compare_runs
 from audit.report.figures import kind_title, method_title
 from audit.report.flags import ICONS, STATUSES, ClassResult, assess, malignant_view
@@ -17,6 +17,7 @@ from audit.report.load import ReportInputError, RunData, load_run
 from audit.report.sanity import SanityView, read_sanity, stands, trusted_cluster_method
 from audit.report.summary import make_summary
 from audit.report.thresholds import Thresholds
+from audit.run_store import publish
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
@@ -39,6 +40,11 @@ class ReportResult:
     @property
     def html_path(self) -> Path:
         return self.run_dir / REPORT_FILE
+
+    @property
+    def html_location(self) -> str:
+        """Where the report is, as a user names it: a URI for a run on object storage."""
+        return f"{location(self.run_dir)}/{REPORT_FILE}"
 
     @property
     def summary_path(self) -> Path:
@@ -108,10 +114,10 @@ def thresholds_of(run: RunData) -> Thresholds:
 
 
 def build_report(
-    run_dir: Path,
+    run_dir: Path | str,
     overrides: dict | None = None,
     gallery: int = GALLERY_FLAGGED,
-    baseline: Path | None = None,
+    baseline: Path | str | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     cluster_method: str | None = None,
 ) -> ReportResult:
@@ -121,7 +127,7 @@ def build_report(
     a ``baseline`` run, the run is also compared with it under the same thresholds: the report
     gains a comparison section and ``compare.json`` is written beside it. Without one, a run
     compared before is compared again with the same baseline, so the two files never disagree."""
-    run = load_run(Path(run_dir))
+    run = load_run(run_dir)
     thresholds = thresholds_of(run).updated(**(overrides or {}))
     sanity = read_sanity(run.run_dir, thresholds.sanity_similarity_max)
     failing = sanity.failing if sanity else frozenset()
@@ -147,6 +153,7 @@ def build_report(
     if comparison is not None:
         _write_atomic(run.run_dir / COMPARE_FILE, json.dumps(comparison.to_dict(), indent=2))
     _write_atomic(run.run_dir / REPORT_FILE, html)
+    publish(run.run_dir, SUMMARY_FILE, REPORT_FILE, *([COMPARE_FILE] if comparison is not None else []))
     size = len(html.encode("utf-8"))
     if size > SIZE_WARNING_BYTES:
         warnings.append(
@@ -156,18 +163,19 @@ def build_report(
     return ReportResult(run.run_dir, summary, results, size, warnings, comparison, sanity)
 
 
-def _previous_comparison(run_dir: Path, tolerance: float, warnings: list[str]) -> tuple[Path | None, float]:
+def _previous_comparison(run_dir: Path, tolerance: float, warnings: list[str]) -> tuple[str | None, float]:
     """The baseline and tolerance of the run's last comparison, if it had one whose baseline still exists."""
     path = run_dir / COMPARE_FILE
     if not path.is_file():
         return None, tolerance
     try:
         previous = json.loads(path.read_text(encoding="utf-8"))
-        baseline, tolerance = Path(previous["baseline_dir"]), float(previous["tolerance"])
+        baseline, tolerance = str(previous["baseline_dir"]), float(previous["tolerance"])
     except (OSError, ValueError, KeyError, TypeError):
         baseline = None
     if baseline is None or not is_run(baseline):
         path.unlink()
+        publish(run_dir, COMPARE_FILE)
         warnings.append(f"note: the baseline of the last comparison is gone; {COMPARE_FILE} was removed")
         return None, tolerance
     return baseline, tolerance

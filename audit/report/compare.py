@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from audit.config import DEFAULT_TOLERANCE
 from audit.explain.metrics import LOCALIZED
-from audit.history import run_precision
+from audit.history import location, run_precision
 from audit.report.aggregate import counted_pairs
 from audit.report.figures import kind_title, method_title
 from audit.report.flags import FLAG_ORDER, STATUSES, ClassResult, Flag, assess, worst
@@ -217,7 +217,7 @@ def compare_runs(
     return Comparison(
         baseline_id=baseline.info.get("run_id", baseline.run_dir.name),
         run_id=run.info.get("run_id", run.run_dir.name),
-        baseline_dir=str(baseline.run_dir),
+        baseline_dir=location(baseline.run_dir),
         tolerance=tolerance,
         thresholds=thresholds,
         classes=classes,

@@ -112,8 +112,8 @@ class RunData:
         return int(h), int(w)
 
 
-def load_run(run_dir: Path) -> RunData:
-    """A run's facts and score columns; ``run_dir`` may be a ``latest`` or ``baseline`` pointer."""
+def load_run(run_dir: Path | str) -> RunData:
+    """A run's facts and score columns; ``run_dir`` may be a ``latest`` or ``baseline`` pointer, or a URI."""
     run_dir = resolve_run(run_dir)
     info = read_run_info(run_dir)
     dataset = _dataset(run_dir)

@@ -1,0 +1,156 @@
+"""Runs on object storage: ``--out s3://bucket/prefix`` (or ``gs://``, ``hdfs://``, ``file://``).
+
+The pipeline and the report work on local files: Parquet written by a temporary name and
+renamed, datasets read column by column. So a run whose history is a URI is written and read
+through a *working copy*, a local folder under the node's cache (``<cache>/runs/<hash of the
+history>/<run id>/``) that holds the run's files and an ``.origin`` file naming the run's URI.
+Each file the run writes is *published* once complete: run.json at every save (the heartbeat
+included), each explanation batch as it lands, the sanity check, the report at the end. A run
+read from the store (``audit report``, ``compare``, ``baseline``, ``--resume``) is *fetched* into
+its working copy first: the files it lacks or holds at another size, and every JSON file.
+
+Histories on a store hold no lock (a store has none to take), so each operation is made safe
+for two runs of one audit finishing together:
+
+* every write is one object PUT, so a reader sees a whole run.json or pointer, old or new;
+* a pointer is a one-line file holding a run id (a store has no symbolic links);
+* ``latest`` is a hint that readers check: the run it names, or a newer *complete* run if there is
+  one (one listing of the history, and the run.json of the runs newer than the pointer's, usually
+  none). Two runs finishing together may both read the old pointer and the older one write last;
+  readers still see the newer run, and the next run to finish rewrites the file;
+* ``baseline`` is set by a person (``audit baseline``): the last one written holds;
+* ``--keep`` judges each run by its own run.json (status and lease heartbeat, valid across hosts)
+  and keeps the runs the pointers name as readers resolve them, live runs, and their baselines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from audit.data import storage
+from audit.data.mask_cache import cache_folder
+from audit.data.storage import StorageError, child
+from audit.errors import first_line
+
+ORIGIN_FILE = ".origin"
+RUN_FILE = "run.json"
+
+
+def working_copy(run_uri: str) -> Path:
+    """The local folder mirroring the run at ``run_uri``: ``<cache>/runs/<history hash>/<run id>``."""
+    history, run_id = run_uri.rstrip("/").rsplit("/", 1)
+    folder = _working_root() / hashlib.sha256(history.encode()).hexdigest()[:16] / run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ORIGIN_FILE).write_text(run_uri.rstrip("/") + "\n", encoding="utf-8")
+    return folder
+
+
+def origin(run_dir: Path) -> str | None:
+    """The URI a working copy mirrors; None for a run that lives in a local folder."""
+    marker = Path(run_dir) / ORIGIN_FILE
+    return marker.read_text(encoding="utf-8").strip() if marker.is_file() else None
+
+
+def publish(run_dir: Path, *names: str) -> None:
+    """Make the store's copy of each file ``names`` (relative POSIX paths) equal the working
+    copy's: uploaded when it exists locally, deleted when it does not. Nothing for a local run."""
+    uri = origin(run_dir)
+    if uri is None:
+        return
+    for name in names:
+        local = Path(run_dir) / name
+        if local.is_file():
+            storage.write_bytes(child(uri, name), local.read_bytes())
+        else:
+            storage.delete(child(uri, name))
+
+
+def fetch(run_uri: str) -> Path:
+    """The run at ``run_uri`` in its working copy, brought up to date with the store."""
+    listing = storage.Listing(run_uri)
+    if RUN_FILE not in listing.files:
+        raise StorageError(f"{run_uri} is not a run directory (no {RUN_FILE})")
+    folder = working_copy(run_uri)
+    for name, size in listing.sizes.items():
+        local = folder / name
+        if local.is_file() and local.stat().st_size == size and not name.endswith(".json"):
+            continue
+        local.parent.mkdir(parents=True, exist_ok=True)
+        partial = local.with_name(f".{local.name}.fetch")
+        partial.write_bytes(storage.read_bytes(listing.location(name)))
+        partial.replace(local)
+    for local in [p for p in folder.rglob("*") if p.is_file()]:
+        name = local.relative_to(folder).as_posix()
+        if name != ORIGIN_FILE and name not in listing.files:
+            local.unlink()  # gone from the store (pruned batches, a report removed)
+    return folder
+
+
+def claim_run(history: str, wanted_id: str) -> Path:
+    """A new run's working copy: the id, or ``-2``, ``-3``... when a run with it exists already."""
+    taken = set(run_ids(history, with_run_file=False))
+    for attempt in range(1, 1000):
+        candidate = wanted_id if attempt == 1 else f"{wanted_id}-{attempt}"
+        if candidate not in taken:
+            folder = working_copy(child(history, candidate))
+            for stale in [p for p in folder.rglob("*") if p.is_file() and p.name != ORIGIN_FILE]:
+                stale.unlink()  # an earlier working copy of a run id the store no longer holds
+            return folder
+    raise StorageError(f"cannot create a run folder for {wanted_id} in {history}")
+
+
+def run_ids(history: str, with_run_file: bool = True) -> list[str]:
+    """The ids of the runs in a history (folders holding a run.json), unsorted."""
+    fs, path = storage._resolve(history)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        folders = [info.base_name for info in entries if info.type == pafs.FileType.Directory]
+        if not with_run_file:
+            return folders
+        files = fs.get_file_info([posixpath.join(path, name, RUN_FILE) for name in folders])
+    except OSError as exc:
+        raise StorageError(f"cannot list {history}: {first_line(exc)}") from exc
+    return [name for name, info in zip(folders, files) if info.type == pafs.FileType.File]
+
+
+def read_pointer(history: str, pointer: str) -> str | None:
+    """The run id a pointer file holds, or None when there is none."""
+    try:
+        return storage.read_bytes(child(history, pointer)).decode("utf-8").strip() or None
+    except StorageError:
+        if storage.is_file(child(history, pointer)):
+            raise
+        return None
+
+
+def write_pointer(history: str, pointer: str, run_id: str) -> str:
+    location = child(history, pointer)
+    storage.write_bytes(location, (run_id + "\n").encode("utf-8"))
+    return location
+
+
+def check_writable(history: str) -> None:
+    probe = child(history, f".write-check-{uuid.uuid4().hex[:12]}")
+    storage.write_bytes(probe, b"")
+    storage.delete(probe)
+
+
+def delete_run(run_uri: str) -> None:
+    """The run's objects, then its working copy on this node."""
+    storage.delete(run_uri, folder=True)
+    history, run_id = run_uri.rstrip("/").rsplit("/", 1)
+    shutil.rmtree(_working_root() / hashlib.sha256(history.encode()).hexdigest()[:16] / run_id, ignore_errors=True)
+
+
+def _working_root() -> Path:
+    folder = cache_folder("runs")
+    if folder is None:  # the cache is off: working copies last as long as the machine's temp folder
+        folder = Path(tempfile.gettempdir()) / "cam-audit-runs"
+    return folder

@@ -1,0 +1,268 @@
+"""Runs on object storage: `--out s3://...` writes a run to a bucket (moto's server on 127.0.0.1),
+and report, compare, baseline, --keep and --resume work there; a history without a lock stays
+right when two runs finish together."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+from click.testing import CliRunner
+
+from audit import history, run_store
+from audit.cli import main
+from audit.data.storage import child, read_bytes
+
+from .conftest import _free_port
+
+RUNS = "audit-runs"
+HISTORY = f"s3://{RUNS}/audits"
+
+
+@pytest.fixture(scope="module")
+def runs_bucket(s3):
+    s3.create_dir(RUNS)
+    return s3
+
+
+def _audit(bucket_copy, store_checkpoint, name: str, *extra: str):
+    return CliRunner().invoke(
+        main,
+        [
+            "run",
+            *("--dataset", "manifest", "--data-dir", bucket_copy, "--checkpoint", str(store_checkpoint)),
+            *("--out", HISTORY, "--name", name, "--batch-size", "4", "--evidence", "none", "--sanity-images", "0"),
+            *extra,
+        ],
+    )
+
+
+def _objects(s3, prefix: str) -> dict[str, bytes]:
+    infos = s3.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+    found = {}
+    for info in infos:
+        if info.type == pafs.FileType.File:
+            with s3.open_input_stream(info.path) as stream:
+                found[info.path[len(prefix) + 1 :]] = stream.read()
+    return found
+
+
+def test_a_run_on_a_bucket_is_reported_pinned_compared_and_kept_there(
+    ray_session, runs_bucket, bucket_copy, store_checkpoint
+):
+    first = _audit(bucket_copy, store_checkpoint, "ds")
+    assert first.exit_code == 0, first.output
+    first_uri = first.output.strip().splitlines()[-1]
+    assert first_uri.startswith(f"{HISTORY}/ds/") and f"report: {first_uri}/report.html" in first.output
+    first_id = first_uri.rsplit("/", 1)[1]
+    stored = _objects(runs_bucket, f"{RUNS}/audits/ds/{first_id}")
+    assert {"run.json", "manifest.parquet", "schema.parquet", "summary.json", "report.html"} <= set(stored)
+    assert sum(name.startswith("explanations/part-") for name in stored) == 3  # 10 images + 2 errors, by 4
+    info = json.loads(stored["run.json"])
+    assert info["status"] == "complete" and info["config"]["out"] == HISTORY
+    assert info["counts"]["rows"] == info["counts"]["expected_rows"] == 12
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
+    assert not any(secret in content for content in stored.values())  # no credential in a run
+    assert read_bytes(f"{HISTORY}/ds/latest").decode().strip() == first_id
+
+    report = CliRunner().invoke(main, ["report", f"{HISTORY}/ds/latest", "--json"])
+    assert report.exit_code == 0, report.output
+    assert json.loads(report.output[report.output.index("{") :])["run_id"] == first_id
+
+    pinned = CliRunner().invoke(main, ["baseline", first_uri])
+    assert pinned.exit_code == 0 and pinned.output.strip() == f"{HISTORY}/ds/baseline"
+
+    second = _audit(bucket_copy, store_checkpoint, "ds", "--baseline", f"{HISTORY}/ds/baseline", "--keep", "1")
+    assert second.exit_code == 0, second.output
+    second_uri = second.output.strip().splitlines()[-1]
+    comparison = json.loads(read_bytes(f"{second_uri}/compare.json"))
+    assert comparison["baseline_dir"] == first_uri and comparison["baseline_run_id"] == first_id
+    assert read_bytes(f"{HISTORY}/ds/latest").decode().strip() == second_uri.rsplit("/", 1)[1]
+    assert history.is_run(first_uri), "--keep 1 deleted the baseline"
+
+    compared = CliRunner().invoke(main, ["compare", f"{HISTORY}/ds/baseline", f"{HISTORY}/ds/latest", "--json"])
+    assert compared.exit_code == 0, compared.output
+
+
+def test_a_run_is_resumed_from_the_bucket_on_a_node_without_its_working_copy(
+    ray_session,
+    runs_bucket,
+    bucket_copy,
+    store_checkpoint,
+    monkeypatch,
+    tmp_path,
+):
+    done = _audit(bucket_copy, store_checkpoint, "resumed", "--no-report")
+    assert done.exit_code == 0, done.output
+    uri = done.output.strip().splitlines()[-1]
+    key = uri.removeprefix("s3://")
+    before = _objects(runs_bucket, key)
+    parts = sorted(name for name in before if name.startswith("explanations/part-"))
+    runs_bucket.delete_file(f"{key}/{parts[0]}")  # the batch an interrupted driver never wrote
+    info = json.loads(before["run.json"])
+    info.update(status="interrupted", lease={})
+    with runs_bucket.open_output_stream(f"{key}/run.json") as out:
+        out.write(json.dumps(info).encode())
+
+    monkeypatch.setenv("CAM_AUDIT_CACHE", str(tmp_path / "another-node"))  # no working copy here
+    resumed = CliRunner().invoke(main, ["run", "--resume", uri, "--no-report"])
+    assert resumed.exit_code == 0, resumed.output
+    after = _objects(runs_bucket, key)
+    info = json.loads(after["run.json"])
+    assert info["status"] == "complete" and len(info["attempts"]) == 2
+    assert info["attempts"][1]["computed_rows"] == 4 and info["counts"]["rows"] == 12
+    assert sorted(n for n in after if n.startswith("explanations/part-")) == parts
+    assert (tmp_path / "another-node" / "runs").is_dir()
+
+
+def _fake_run(s3, history_uri: str, run_id: str, status: str = "complete", **info) -> str:
+    """A run.json as a driver leaves it: enough for pointers and retention."""
+    uri = child(history_uri, run_id)
+    record = {"run_id": run_id, "status": status, "config": {}, "model": {"classes": []}, **info}
+    with s3.open_output_stream(f"{uri.removeprefix('s3://')}/run.json") as out:
+        out.write(json.dumps(record).encode())
+    return uri
+
+
+def _ids(n: int) -> list[str]:
+    start = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    return [history.run_id(start + timedelta(minutes=i), f"{i:08x}") for i in range(n)]
+
+
+def test_two_runs_finishing_together_cannot_leave_latest_on_the_older(runs_bucket, monkeypatch):
+    """The older run reads `latest` while the newer is still running; the newer completes, moves
+    `latest`, and the older writes last. The file then names the older run, but readers resolve
+    `latest` to the newer one, and the next run to complete rewrites the file."""
+    where = f"{HISTORY}/race"
+    older, newer, next_one = _ids(3)
+    older_copy = run_store.working_copy(_fake_run(runs_bucket, where, older))
+    newer_copy = run_store.working_copy(_fake_run(runs_bucket, where, newer, status="running"))
+    older_read, newer_wrote = threading.Event(), threading.Event()
+    read_pointer, write_pointer = history._stored_pointer, run_store.write_pointer
+
+    def read_then_signal(history_uri, pointer):
+        found = read_pointer(history_uri, pointer)
+        if threading.current_thread().name == older:
+            older_read.set()
+        return found
+
+    def older_writes_last(history_uri, pointer, run_id):
+        if run_id == older:
+            assert newer_wrote.wait(timeout=10)
+        written = write_pointer(history_uri, pointer, run_id)
+        newer_wrote.set()
+        return written
+
+    def newer_finishes():
+        assert older_read.wait(timeout=10)
+        _fake_run(runs_bucket, where, newer)  # its run.json says complete, then it moves latest
+        history.mark_latest(newer_copy)
+
+    monkeypatch.setattr(history, "_stored_pointer", read_then_signal)
+    monkeypatch.setattr(run_store, "write_pointer", older_writes_last)
+    threads = [
+        threading.Thread(target=history.mark_latest, args=(older_copy,), name=older),
+        threading.Thread(target=newer_finishes, name=newer),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    monkeypatch.undo()
+
+    assert read_bytes(f"{where}/latest").decode().strip() == older  # the race happened
+    assert history.resolve_run(f"{where}/latest").name == newer  # and readers see through it
+    assert history.pointer_exists(f"{where}/latest")
+    history.mark_latest(run_store.working_copy(_fake_run(runs_bucket, where, next_one)))
+    assert read_bytes(f"{where}/latest").decode().strip() == next_one
+
+
+def test_many_runs_finishing_and_pruning_at_once_keep_the_newest_and_what_latest_names(runs_bucket):
+    where = f"{HISTORY}/crowd"
+    ids = _ids(6)
+    copies = [run_store.working_copy(_fake_run(runs_bucket, where, run)) for run in ids]
+
+    def finish(copy: Path) -> None:
+        history.mark_latest(copy)
+        history.prune(where, 2, protect=(copy,))
+
+    threads = [threading.Thread(target=finish, args=(copy,)) for copy in copies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert history.resolve_run(f"{where}/latest").name == ids[-1]
+    assert history.is_run(child(where, ids[-1])) and history.is_run(child(where, ids[-2]))
+
+
+def test_keep_on_a_bucket_spares_pointed_live_and_compared_runs_and_prunes_dead_ones(runs_bucket):
+    where = f"{HISTORY}/keep"
+    now = datetime.now(timezone.utc)
+
+    def lease(age_s: float) -> dict:
+        return {"host": "another-node", "pid": 1, "heartbeat": (now - timedelta(seconds=age_s)).isoformat()}
+
+    plain, pinned, compared, dead, live, newest = _ids(6)
+    for run in (plain, pinned, compared, newest):
+        _fake_run(runs_bucket, where, run)
+    _fake_run(runs_bucket, where, dead, status="running", lease=lease(3600))
+    _fake_run(runs_bucket, where, live, status="running", lease=lease(1), config={"baseline": child(where, compared)})
+    run_store.write_pointer(where, history.BASELINE, pinned)
+    run_store.write_pointer(where, history.LATEST, newest)
+    doomed_copy = run_store.working_copy(child(where, plain))
+
+    deleted = history.prune(where, 1)
+    assert sorted(deleted) == [child(where, plain), child(where, dead)]
+    assert not history.is_run(child(where, plain)) and not doomed_copy.exists()
+    assert all(history.is_run(child(where, run)) for run in (pinned, compared, live, newest))
+
+
+def test_a_store_that_refuses_the_credential_or_has_no_bucket_is_one_line(tmp_path, store_checkpoint):
+    """A second S3 server that checks credentials (moto's IAM mode), which ours are not valid for."""
+    port = _free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for(port, server)
+        cli_env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+        args = ["--dataset", "synthetic", "--checkpoint", str(store_checkpoint), "--limit", "1"]
+        refused = CliRunner(env=cli_env).invoke(main, ["run", *args, "--out", "s3://locked-bucket/audits"])
+        assert refused.exit_code == 2, refused.output
+        (line,) = refused.output.strip().splitlines()
+        assert line.startswith("error: cannot write s3://locked-bucket/audits/") and "Traceback" not in line
+        listed = CliRunner(env=cli_env).invoke(main, ["report", "s3://locked-bucket/audits/ds/latest"])
+        assert listed.exit_code == 2 and len(listed.output.strip().splitlines()) == 1, listed.output
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    missing = CliRunner().invoke(main, ["run", *args, "--out", "s3://no-such-bucket/audits"])
+    assert missing.exit_code == 2 and len(missing.output.strip().splitlines()) == 1, missing.output
+    assert "no-such-bucket" in missing.output
+    gone = CliRunner().invoke(main, ["report", "s3://no-such-bucket/audits/ds/latest"])
+    assert gone.exit_code == 2 and "no run at s3://no-such-bucket/audits/ds/latest" in gone.output
+
+
+def _wait_for(port: int, server: subprocess.Popen) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "moto_server did not start"
+            time.sleep(0.2)
