@@ -295,7 +295,7 @@ def prune(history: Path | str, keep: int, protect: tuple[Path | str | None, ...]
         with _storage_errors():
             return _prune_stored(str(history), keep, protect)
     with _locked(history):
-        protected = {p.resolve() for p in protect if p is not None}
+        protected = {Path(p).resolve() for p in protect if p and not is_uri(p)}
         protected |= {run for run in (pointed(history, p) for p in POINTERS) if run is not None}
         candidates = runs(history)
         infos = {run: _info(run) for run in candidates}

@@ -26,18 +26,14 @@ for two runs of one audit finishing together:
 from __future__ import annotations
 
 import hashlib
-import posixpath
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
 
-import pyarrow.fs as pafs
-
 from audit.data import storage
 from audit.data.mask_cache import cache_folder
 from audit.data.storage import StorageError, child
-from audit.errors import first_line
 
 ORIGIN_FILE = ".origin"
 RUN_FILE = "run.json"
@@ -108,16 +104,11 @@ def claim_run(history: str, wanted_id: str) -> Path:
 
 def run_ids(history: str, with_run_file: bool = True) -> list[str]:
     """The ids of the runs in a history (folders holding a run.json), unsorted."""
-    fs, path = storage._resolve(history)
-    try:
-        entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        folders = [info.base_name for info in entries if info.type == pafs.FileType.Directory]
-        if not with_run_file:
-            return folders
-        files = fs.get_file_info([posixpath.join(path, name, RUN_FILE) for name in folders])
-    except OSError as exc:
-        raise StorageError(f"cannot list {history}: {first_line(exc)}") from exc
-    return [name for name, info in zip(folders, files) if info.type == pafs.FileType.File]
+    names = storage.folders(history)
+    if not with_run_file:
+        return names
+    found = storage.are_files([child(history, f"{name}/{RUN_FILE}") for name in names])
+    return [name for name, is_run in zip(names, found) if is_run]
 
 
 def read_pointer(history: str, pointer: str) -> str | None:

@@ -14,12 +14,14 @@ import yaml
 from audit.cli import run_command
 from audit.config import read_config_file
 from audit.data.ham10000 import CLASSES
+from audit.data.storage import is_uri
 from audit.data.synthetic import SyntheticSpec, generate
 from audit.history import BASELINE, LATEST, point, pointed, runs
 from audit.models.checkpoint import save_random_checkpoint
 from tests.report_runs import class_rows, write_run
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS"}
 CRON_FIELD = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?(,(\*|\d+(-\d+)?)(/\d+)?)*$")
 
 
@@ -34,16 +36,19 @@ def _only(name: str, kind: str) -> dict:
 
 
 def _check_pod(template: dict, gpu: bool) -> dict:
-    """A pod template with a container image, every mounted volume defined, GPUs where wanted."""
+    """A pod template with a container image, every mounted volume defined, GPUs where wanted, and
+    no credential in its environment."""
     spec = template["spec"]
     (container,) = spec["containers"]
     assert container["name"] and container["image"]
+    names = {variable["name"] for variable in container.get("env", [])}
+    assert not names & CREDENTIALS, f"credentials in a manifest: {names & CREDENTIALS}"
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
     mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
     assert set(mounts) <= set(volumes), f"volume mounts without a volume: {set(mounts) - set(volumes)}"
     limits = container["resources"]["limits"]
     assert ("nvidia.com/gpu" in limits) is gpu
-    return {"mounts": mounts, "volumes": volumes}
+    return {"mounts": mounts, "volumes": volumes, "account": spec.get("serviceAccountName")}
 
 
 def _check_rayjob_spec(spec: dict) -> None:
@@ -59,22 +64,45 @@ def _check_rayjob_spec(spec: dict) -> None:
     assert (JOBS / config.name).is_file()  # the ConfigMap is made from this file
     toml = read_config_file(JOBS / config.name)
     for key in ("data_dir", "model", "out", "baseline"):  # the config's paths lie on the head's volumes
-        assert _on_a_mount(toml[key], head["mounts"]), key
+        assert is_uri(toml[key]) or _on_a_mount(toml[key], head["mounts"]), key
+    stored = [key for key in ("data_dir", "out", "baseline") if is_uri(toml[key])]
+    if stored:  # the cluster's identity reads and writes the buckets: a service account on every pod
+        assert head["account"], "a config with bucket locations needs a service account on the head"
+    if is_uri(toml["out"]):
+        assert toml["baseline"].startswith(f"{toml['out']}/{toml['name']}/"), "the baseline is a run of this history"
     assert "rayStartParams" in cluster["headGroupSpec"]
     workers = cluster["workerGroupSpecs"]
     assert workers and all(w["groupName"] for w in workers)
     for group in workers:
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"] and "rayStartParams" in group
         pod = _check_pod(group["template"], gpu=True)
-        assert _on_a_mount(toml["data_dir"], pod["mounts"])  # decoding runs here
+        if is_uri(toml["data_dir"]):  # reading runs here
+            assert pod["account"] == head["account"]
+        else:
+            assert _on_a_mount(toml["data_dir"], pod["mounts"])
 
 
 def _on_a_mount(path: str, mounts: dict[str, str]) -> bool:
     return any(Path(path).is_relative_to(mount) for mount in mounts.values())
 
 
-def test_rayjob_manifest_has_what_kuberay_requires():
-    _check_rayjob_spec(_only("rayjob.yaml", "RayJob")["spec"])
+def test_rayjob_manifest_has_what_kuberay_requires_and_keeps_data_and_runs_in_buckets():
+    spec = _only("rayjob.yaml", "RayJob")["spec"]
+    _check_rayjob_spec(spec)
+    toml = read_config_file(JOBS / "ham10000.toml")
+    assert all(is_uri(toml[key]) for key in ("data_dir", "out", "baseline"))
+
+
+def test_the_pvc_variant_is_the_same_job_with_volumes():
+    bucket, pvc = _only("rayjob.yaml", "RayJob")["spec"], _only("rayjob-pvc.yaml", "RayJob")["spec"]
+    _check_rayjob_spec(pvc)
+    assert pvc["entrypoint"] == bucket["entrypoint"].replace("ham10000.toml", "ham10000-pvc.toml")
+    stored, mounted = read_config_file(JOBS / "ham10000.toml"), read_config_file(JOBS / "ham10000-pvc.toml")
+    locations = ("data_dir", "out", "baseline")
+    assert {k: v for k, v in stored.items() if k not in locations} == {
+        k: v for k, v in mounted.items() if k not in locations
+    }
+    assert not any(is_uri(mounted[key]) for key in locations)
 
 
 def test_raycronjob_manifest_schedules_the_same_job_nightly():

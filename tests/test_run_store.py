@@ -4,6 +4,7 @@ right when two runs finish together."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
@@ -21,6 +23,7 @@ from audit.cli import main
 from audit.data.storage import child, read_bytes
 
 from .conftest import _free_port
+from .storage_fixtures import IMAGES
 
 RUNS = "audit-runs"
 HISTORY = f"s3://{RUNS}/audits"
@@ -32,12 +35,12 @@ def runs_bucket(s3):
     return s3
 
 
-def _audit(bucket_copy, store_checkpoint, name: str, *extra: str):
+def _audit(data: str, store_checkpoint, name: str, *extra: str, dataset: str = "manifest"):
     return CliRunner().invoke(
         main,
         [
             "run",
-            *("--dataset", "manifest", "--data-dir", bucket_copy, "--checkpoint", str(store_checkpoint)),
+            *("--dataset", dataset, "--data-dir", data, "--checkpoint", str(store_checkpoint)),
             *("--out", HISTORY, "--name", name, "--batch-size", "4", "--evidence", "none", "--sanity-images", "0"),
             *extra,
         ],
@@ -99,12 +102,16 @@ def test_a_run_is_resumed_from_the_bucket_on_a_node_without_its_working_copy(
     monkeypatch,
     tmp_path,
 ):
-    done = _audit(bucket_copy, store_checkpoint, "resumed", "--no-report")
+    """The HAM10000 layout in the bucket, audited to the bucket; one batch lost and the run
+    marked interrupted; resumed and reported on a node that never saw it."""
+    ham10000 = bucket_copy.rsplit("/", 1)[0]
+    done = _audit(ham10000, store_checkpoint, "resumed", "--no-report", dataset="ham10000")
     assert done.exit_code == 0, done.output
     uri = done.output.strip().splitlines()[-1]
     key = uri.removeprefix("s3://")
     before = _objects(runs_bucket, key)
     parts = sorted(name for name in before if name.startswith("explanations/part-"))
+    lost = pq.read_table(io.BytesIO(before[parts[0]])).num_rows
     runs_bucket.delete_file(f"{key}/{parts[0]}")  # the batch an interrupted driver never wrote
     info = json.loads(before["run.json"])
     info.update(status="interrupted", lease={})
@@ -112,13 +119,15 @@ def test_a_run_is_resumed_from_the_bucket_on_a_node_without_its_working_copy(
         out.write(json.dumps(info).encode())
 
     monkeypatch.setenv("CAM_AUDIT_CACHE", str(tmp_path / "another-node"))  # no working copy here
-    resumed = CliRunner().invoke(main, ["run", "--resume", uri, "--no-report"])
+    resumed = CliRunner().invoke(main, ["run", "--resume", uri])
     assert resumed.exit_code == 0, resumed.output
+    assert resumed.output.strip().splitlines()[-1] == uri
     after = _objects(runs_bucket, key)
     info = json.loads(after["run.json"])
     assert info["status"] == "complete" and len(info["attempts"]) == 2
-    assert info["attempts"][1]["computed_rows"] == 4 and info["counts"]["rows"] == 12
+    assert info["attempts"][1]["computed_rows"] == lost and info["counts"]["rows"] == IMAGES
     assert sorted(n for n in after if n.startswith("explanations/part-")) == parts
+    assert json.loads(after["summary.json"])["run_id"] == uri.rsplit("/", 1)[1]  # reported there
     assert (tmp_path / "another-node" / "runs").is_dir()
 
 

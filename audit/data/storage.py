@@ -124,6 +124,28 @@ def is_file(location: str) -> bool:
         raise StorageError(_reason(location, exc)) from exc
 
 
+def folders(location: str) -> list[str]:
+    """The names of the folders right under ``location`` (key prefixes on object storage)."""
+    fs, path = _resolve(location)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as exc:
+        raise StorageError(f"cannot list {location}: {first_line(exc)}") from exc
+    return [info.base_name for info in entries if info.type == pafs.FileType.Directory]
+
+
+def are_files(locations: list[str]) -> list[bool]:
+    """Whether each location is a file, asked of its store in one call."""
+    if not locations:
+        return []
+    fs, _ = _resolve(locations[0])
+    try:
+        infos = fs.get_file_info([_resolve(location)[1] for location in locations])
+    except OSError as exc:
+        raise StorageError(_reason(locations[0], exc)) from exc
+    return [info.type == pafs.FileType.File for info in infos]
+
+
 def child(uri: str, name: str) -> str:
     """``name`` (a relative POSIX path) under the URI ``uri``."""
     parts = urlsplit(uri)
