@@ -9,12 +9,12 @@ the same hash computed the same thing. Beside the runs, two pointers name a run 
 * ``baseline``: the run that later runs are compared with, set by ``audit baseline RUN_DIR``.
 
 A pointer is a relative symbolic link (``cat OUT/N/latest/summary.json`` works), or a one-line
-text file holding the run id where the filesystem has no symbolic links and on object storage. ``--keep K`` deletes the
-oldest runs beyond the newest K, but never a run a pointer names, the baseline a run was compared
-with, a live run, or the baseline a live run compares with. Moving a pointer and deleting runs
-take a lock on the history, so concurrent runs of one audit are safe. ``OUT`` may be a URI
-(``s3://bucket/audits``): :mod:`audit.run_store` says how such runs are written and read, and
-how a history without a lock stays safe.
+text file holding the run id where the filesystem has no symbolic links and on object storage.
+``--keep K`` deletes the oldest runs beyond the newest K, but never a run a pointer names, the
+baseline a run was compared with, a live run, or the baseline a live run compares with. Moving
+a pointer and deleting runs take a lock on the history, so concurrent runs of one audit are
+safe. ``OUT`` may be a URI (``s3://bucket/audits``): :mod:`audit.run_store` says how such runs
+are written and read, and how a history without a lock stays safe.
 
 A running driver holds a *lease* in its run.json (its host, process id and a heartbeat it
 refreshes every ``LEASE_INTERVAL_S``), so a run killed hard (SIGKILL, a pod eviction), which can

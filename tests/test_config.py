@@ -106,7 +106,8 @@ def test_the_documented_example_is_valid():
     data = read_config_file(JOBS / "ham10000.toml")
     config = build_config(JOBS / "ham10000.toml", {})
     assert config.dataset == "ham10000" and config.keep == 30 and config.fail_on == "fail"
-    assert config.baseline == "/reports/ham10000-nightly/baseline" and "thresholds" in data
+    assert config.baseline == "s3://cam-audit-runs/ham10000-nightly/baseline" and "thresholds" in data
+    assert config.data_dir == "s3://cam-audit-data/ham10000"  # URIs are kept, not resolved against the folder
 
 
 def test_cli_reads_the_file_and_its_flags_win(tmp_path):

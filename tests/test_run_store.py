@@ -119,7 +119,7 @@ def test_a_run_is_resumed_from_the_bucket_on_a_node_without_its_working_copy(
         out.write(json.dumps(info).encode())
 
     monkeypatch.setenv("CAM_AUDIT_CACHE", str(tmp_path / "another-node"))  # no working copy here
-    resumed = CliRunner().invoke(main, ["run", "--resume", uri])
+    resumed = CliRunner().invoke(main, ["run", "--resume", uri, "--report"])
     assert resumed.exit_code == 0, resumed.output
     assert resumed.output.strip().splitlines()[-1] == uri
     after = _objects(runs_bucket, key)
