@@ -50,22 +50,28 @@ def s3():
     """The S3 server's filesystem (pyarrow), with buckets created as they are written to."""
     import pyarrow.fs as pafs
 
+    server = start_s3_server(S3_PORT)
+    yield pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{S3_PORT}", scheme="http", allow_bucket_creation=True)
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def start_s3_server(port: int, **env: str) -> subprocess.Popen:
+    """moto's S3 server on 127.0.0.1:``port`` (``env``: its settings), once it answers."""
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(S3_PORT)],
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 30
     while True:
         try:
-            socket.create_connection(("127.0.0.1", S3_PORT), timeout=1).close()
-            break
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server
         except OSError:
             assert server.poll() is None and time.monotonic() < deadline, "moto_server did not start"
             time.sleep(0.2)
-    yield pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{S3_PORT}", scheme="http", allow_bucket_creation=True)
-    server.terminate()
-    server.wait(timeout=10)
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -22,7 +20,7 @@ from audit import history, run_store
 from audit.cli import main
 from audit.data.storage import child, read_bytes
 
-from .conftest import _free_port
+from .conftest import _free_port, start_s3_server
 from .storage_fixtures import IMAGES
 
 RUNS = "audit-runs"
@@ -233,18 +231,11 @@ def test_keep_on_a_bucket_spares_pointed_live_and_compared_runs_and_prunes_dead_
     assert all(history.is_run(child(where, run)) for run in (pinned, compared, live, newest))
 
 
-def test_a_store_that_refuses_the_credential_or_has_no_bucket_is_one_line(tmp_path, store_checkpoint):
+def test_a_store_that_refuses_the_credential_or_has_no_bucket_is_one_line(s3, store_checkpoint):
     """A second S3 server that checks credentials (moto's IAM mode), which ours are not valid for."""
     port = _free_port()
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = start_s3_server(port, INITIAL_NO_AUTH_ACTION_COUNT="0")
     try:
-        _wait_for(port, server)
         cli_env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
         args = ["--dataset", "synthetic", "--checkpoint", str(store_checkpoint), "--limit", "1"]
         refused = CliRunner(env=cli_env).invoke(main, ["run", *args, "--out", "s3://locked-bucket/audits"])
@@ -261,17 +252,3 @@ def test_a_store_that_refuses_the_credential_or_has_no_bucket_is_one_line(tmp_pa
     assert "no-such-bucket" in missing.output
     gone = CliRunner().invoke(main, ["report", "s3://no-such-bucket/audits/ds/latest"])
     assert gone.exit_code == 2 and "no run at s3://no-such-bucket/audits/ds/latest" in gone.output
-
-
-def _wait_for(port: int, server: subprocess.Popen) -> None:
-    import socket
-    import time
-
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, "moto_server did not start"
-            time.sleep(0.2)
