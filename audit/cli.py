@@ -382,7 +382,10 @@ def run_command(ctx: click.Context, config_file: Path | None, resume_dir: Path |
                 raise AuditError("--resume takes the run's own configuration; leave out --config")
             if "baseline" in typed:
                 typed["baseline"] = _baseline(typed["baseline"])
-            run_dir = resume_audit(resolve_run(resume_dir), execution, typed)
+            # a URI is taken over on the store before it is fetched (resume_audit)
+            run_dir = resume_audit(
+                resume_dir if isinstance(resume_dir, str) else resolve_run(resume_dir), execution, typed
+            )
             config = _run_config(run_dir)
         else:
             config = build_config(config_file, typed)

@@ -159,6 +159,15 @@ class RunConfig:
             raise ConfigError(f"gallery must be >= 0, got {self.gallery}")
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
             raise ConfigError(f"name must be a folder name of letters, digits, '.', '_' and '-', got {self.name!r}")
+        from audit.data.storage import is_uri
+
+        for name in ("out", "baseline"):
+            value = getattr(self, name)
+            if value and is_uri(value) and "?" in value:
+                raise ConfigError(
+                    f"{name} must be a URI without options (?...): give a store's endpoint and options by its "
+                    f"environment (AWS_ENDPOINT_URL...), got {value!r}"
+                )
         if not self.report and (self.fail_on or self.baseline):
             raise ConfigError("fail_on and baseline need the report stage: leave report on (or drop them)")
 

@@ -28,6 +28,7 @@ import errno
 import fcntl
 import json
 import os
+import posixpath
 import shutil
 import socket
 import uuid
@@ -35,6 +36,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psutil
 
@@ -165,21 +167,43 @@ def new_lease() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": _now(), "timeout_s": LEASE_TIMEOUT_S}
 
 
-def liveness(info: dict, run_dir: Path | None = None, now: datetime | None = None) -> str:
+def liveness(info: dict, run_dir: Path | None = None, now: datetime | None = None, check_pid: bool = True) -> str:
     """``finished`` (the run recorded its end), ``live`` or ``dead`` (``running``, but its driver is gone).
 
     A run is dead when its driver ran on this host and its process is gone, or when its heartbeat
     is older than the lease's timeout (another host, or a process id reused). A run from before
-    leases existed is judged by its run.json's modification time."""
+    leases existed is judged by its run.json's modification time. Runs on object storage are
+    judged by their heartbeat alone (``check_pid=False``): drivers in containers of one host may
+    share a host name but not their process ids."""
     if info.get("status") != "running":
         return "finished"
     lease = info.get("lease") if isinstance(info.get("lease"), dict) else {}
     age = _age(lease.get("heartbeat"), run_dir, now)
     timeout = float(lease.get("timeout_s") or LEASE_TIMEOUT_S)
-    if lease.get("host") == socket.gethostname() and isinstance(lease.get("pid"), int):
+    if check_pid and lease.get("host") == socket.gethostname() and isinstance(lease.get("pid"), int):
         if not _process_alive(lease["pid"]):
             return "dead"
     return "dead" if age is None or age > timeout else "live"
+
+
+def still_running(info: dict, run_id: str) -> str:
+    return f"run {run_id} is still running ({lease_note(info)}); wait for it, or stop its driver first"
+
+
+def take_over(location: str, lease: dict) -> Path:
+    """A run on object storage that a driver resumes: refused while it is live; else its run.json
+    on the store gets ``lease`` first (so that no ``--keep`` deletes it from now on), then the run
+    is fetched into its working copy."""
+    history, name = location.rstrip("/").rsplit("/", 1)
+    with _storage_errors():
+        run = _stored_pointer(history, name) if name in POINTERS else name
+        info = _stored_info(history, run) if run else {}
+        if not info:
+            raise HistoryError(f"no run at {location}" if info == {} else f"{location} is not a cam-audit run file")
+        if _stored_liveness(info) == "live":
+            raise HistoryError(still_running(info, run))
+        run_store.write_json(child(history, f"{run}/{RUN_FILE}"), {**info, "lease": lease})
+        return run_store.fetch(child(history, run))
 
 
 def lease_note(info: dict) -> str:
@@ -253,11 +277,14 @@ def point(history: Path | str, pointer: str, run_dir: Path) -> Path | str:
 
 
 def pointer_exists(location: Path | str) -> bool:
-    """Whether a ``latest``/``baseline`` pointer names a run yet."""
+    """Whether a ``latest``/``baseline`` pointer has been set (its run may since be gone: resolving
+    it then fails, so a gate never passes silently without its baseline)."""
     if is_uri(location):
         history, pointer = str(location).rstrip("/").rsplit("/", 1)
         with _storage_errors():
-            return _stored_pointer(history, pointer) is not None
+            if storage_is_file(child(history, pointer)):
+                return True
+            return pointer == LATEST and _stored_pointer(history, pointer) is not None
     return Path(location).exists() or Path(location).is_symlink()
 
 
@@ -302,7 +329,7 @@ def prune(history: Path | str, keep: int, protect: tuple[Path | str | None, ...]
         running = {run for run, info in infos.items() if liveness(info, run) == "live"}
         for run in running:
             baseline = (infos[run].get("config") or {}).get("baseline")
-            if baseline:
+            if baseline and not is_uri(baseline):
                 protected.add(Path(baseline).resolve())
         deleted = []
         for run in candidates[:-keep] if keep else candidates:
@@ -367,32 +394,55 @@ def _stored_pointer(history: str, pointer: str) -> str | None:
         for run in reversed(ids):
             if named is not None and _order_id(run) <= _order_id(named):
                 break
-            if _stored_info(history, run).get("status") == "complete":
+            if (_stored_info(history, run) or {}).get("status") == "complete":
                 return run
     return named if named in ids else None
 
 
 def _prune_stored(history: str, keep: int, protect: tuple[Path | str | None, ...]) -> list[str]:
+    """Without a lock: each run is judged by its own run.json, read again just before it is
+    deleted; a run.json that cannot be parsed keeps its run, and a store that does not answer
+    stops the pruning (a StorageError) rather than passing for a finished run."""
     ids = sorted(run_store.run_ids(history), key=_order_id)
-    protected = {location(p) if isinstance(p, Path) else str(p).rstrip("/") for p in protect if p}
-    protected |= {child(history, run) for run in (_stored_pointer(history, p) for p in POINTERS) if run}
+    protected = {_same(location(p) if isinstance(p, Path) else str(p)) for p in protect if p}
+    protected |= {_same(child(history, run)) for run in (_stored_pointer(history, p) for p in POINTERS) if run}
     infos = {run: _stored_info(history, run) for run in ids}
-    running = {run for run, info in infos.items() if liveness(info) == "live"}
-    protected |= {str((infos[run].get("config") or {}).get("baseline") or "").rstrip("/") for run in running}
+    running = {run for run, info in infos.items() if info is None or _stored_liveness(info) == "live"}
+    protected |= {_same(str((infos[run] or {}).get("config", {}).get("baseline") or "")) for run in running}
     deleted = []
     for run in ids[:-keep] if keep else ids:
-        if child(history, run) in protected or run in running:
+        if _same(child(history, run)) in protected or run in running:
+            continue
+        now = _stored_info(history, run)  # a resume may have taken the run over since
+        if now is None or _stored_liveness(now) == "live":
             continue
         run_store.delete_run(child(history, run))
         deleted.append(child(history, run))
     return deleted
 
 
-def _stored_info(history: str, run: str) -> dict:
+def _stored_liveness(info: dict) -> str:
+    return liveness(info, check_pid=False)
+
+
+def _same(uri: str) -> str:
+    """A URI spelled one way: no ``.``, ``//`` or trailing ``/`` in its path."""
+    parts = urlsplit(uri.rstrip("/"))
+    return urlunsplit(parts._replace(path=posixpath.normpath(parts.path or "/"))) if uri else ""
+
+
+def _stored_info(history: str, run: str) -> dict | None:
+    """A stored run's run.json; ``{}`` when it is gone, None when it cannot be parsed."""
+    location = child(history, f"{run}/{RUN_FILE}")
     try:
-        return json.loads(storage_read(child(history, f"{run}/{RUN_FILE}")))
-    except (StorageError, ValueError):
+        info = json.loads(storage_read(location))
+    except ValueError:
+        return None
+    except StorageError:
+        if storage_is_file(location):
+            raise  # there, but unreadable now: stop rather than guess
         return {}
+    return info if isinstance(info, dict) else None
 
 
 @contextmanager

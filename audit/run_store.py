@@ -5,30 +5,39 @@ renamed, datasets read column by column. So a run whose history is a URI is writ
 through a *working copy*, a local folder under the node's cache (``<cache>/runs/<hash of the
 history>/<run id>/``) that holds the run's files and an ``.origin`` file naming the run's URI.
 Each file the run writes is *published* once complete: run.json at every save (the heartbeat
-included), each explanation batch as it lands, the sanity check, the report at the end. A run
+included), each explanation batch as it lands, the sanity check, the report at the end; at the
+end of each attempt whatever an upload missed is sent again (:func:`publish_missing`). A run
 read from the store (``audit report``, ``compare``, ``baseline``, ``--resume``) is *fetched* into
-its working copy first: the files it lacks or holds at another size, and every JSON file.
+its working copy first: the files it lacks or holds at another size, and every JSON file. A
+resume first writes its lease into the stored run.json (:func:`audit.history.take_over`).
 
 Histories on a store hold no lock (a store has none to take), so each operation is made safe
-for two runs of one audit finishing together:
+for two runs of one audit finishing together, given a store with strong read-after-write and
+listing consistency (S3 and GCS have it):
 
 * every write is one object PUT, so a reader sees a whole run.json or pointer, old or new;
 * a pointer is a one-line file holding a run id (a store has no symbolic links);
 * ``latest`` is a hint that readers check: the run it names, or a newer *complete* run if there is
-  one (one listing of the history, and the run.json of the runs newer than the pointer's, usually
-  none). Two runs finishing together may both read the old pointer and the older one write last;
-  readers still see the newer run, and the next run to finish rewrites the file;
+  one (a listing of the history, a check per run folder, and the run.json of the runs newer than
+  the pointer's, usually none). Two runs finishing together may both read the old pointer and
+  the older one write last; readers still see the newer run, and the next run to finish
+  rewrites the file;
 * ``baseline`` is set by a person (``audit baseline``): the last one written holds;
-* ``--keep`` judges each run by its own run.json (status and lease heartbeat, valid across hosts)
-  and keeps the runs the pointers name as readers resolve them, live runs, and their baselines.
+* ``--keep`` judges each run by its own run.json (status and the lease's heartbeat, valid across
+  hosts), reads it again just before deleting, and keeps the runs the pointers name as readers
+  resolve them, live runs, their baselines and runs whose run.json cannot be parsed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from audit.data import storage
@@ -41,10 +50,10 @@ RUN_FILE = "run.json"
 
 def working_copy(run_uri: str) -> Path:
     """The local folder mirroring the run at ``run_uri``: ``<cache>/runs/<history hash>/<run id>``."""
-    history, run_id = run_uri.rstrip("/").rsplit("/", 1)
-    folder = _working_root() / hashlib.sha256(history.encode()).hexdigest()[:16] / run_id
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / ORIGIN_FILE).write_text(run_uri.rstrip("/") + "\n", encoding="utf-8")
+    folder = _working_folder(run_uri)
+    with _local_errors(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ORIGIN_FILE).write_text(run_uri.rstrip("/") + "\n", encoding="utf-8")
     return folder
 
 
@@ -68,24 +77,39 @@ def publish(run_dir: Path, *names: str) -> None:
             storage.delete(child(uri, name))
 
 
+def publish_missing(run_dir: Path) -> list[str]:
+    """Upload the working copy's files that the store lacks or holds at another size (an upload
+    that failed, a run the store lost while it was written); returns their names."""
+    uri = origin(run_dir)
+    if uri is None:
+        return []
+    stored = storage.Listing(uri).sizes
+    missing = [
+        name for name, size in _local_files(Path(run_dir)).items() if stored.get(name) != size and name != RUN_FILE
+    ]
+    publish(run_dir, *missing, RUN_FILE)
+    return missing
+
+
 def fetch(run_uri: str) -> Path:
-    """The run at ``run_uri`` in its working copy, brought up to date with the store."""
+    """The run at ``run_uri`` in its working copy, brought up to date with the store: the files it
+    lacks or holds at another size, and every JSON file. Local files the store does not hold are
+    removed, except temporary ones (dot-files: a driver on this node may be writing them)."""
     listing = storage.Listing(run_uri)
     if RUN_FILE not in listing.files:
         raise StorageError(f"{run_uri} is not a run directory (no {RUN_FILE})")
     folder = working_copy(run_uri)
-    for name, size in listing.sizes.items():
-        local = folder / name
-        if local.is_file() and local.stat().st_size == size and not name.endswith(".json"):
-            continue
-        local.parent.mkdir(parents=True, exist_ok=True)
-        partial = local.with_name(f".{local.name}.fetch")
-        partial.write_bytes(storage.read_bytes(listing.location(name)))
-        partial.replace(local)
-    for local in [p for p in folder.rglob("*") if p.is_file()]:
-        name = local.relative_to(folder).as_posix()
-        if name != ORIGIN_FILE and name not in listing.files:
-            local.unlink()  # gone from the store (pruned batches, a report removed)
+    with _local_errors(folder):
+        for name, size in listing.sizes.items():
+            local = folder / name
+            if local.is_file() and local.stat().st_size == size and not name.endswith(".json"):
+                continue
+            local.parent.mkdir(parents=True, exist_ok=True)
+            partial = local.with_name(f".{local.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.fetch")
+            partial.write_bytes(storage.read_bytes(listing.location(name)))
+            partial.replace(local)
+        for name in set(_local_files(folder)) - listing.files:
+            (folder / name).unlink(missing_ok=True)  # gone from the store (pruned batches, a report removed)
     return folder
 
 
@@ -95,10 +119,9 @@ def claim_run(history: str, wanted_id: str) -> Path:
     for attempt in range(1, 1000):
         candidate = wanted_id if attempt == 1 else f"{wanted_id}-{attempt}"
         if candidate not in taken:
-            folder = working_copy(child(history, candidate))
-            for stale in [p for p in folder.rglob("*") if p.is_file() and p.name != ORIGIN_FILE]:
-                stale.unlink()  # an earlier working copy of a run id the store no longer holds
-            return folder
+            stale = _working_folder(child(history, candidate))
+            shutil.rmtree(stale, ignore_errors=True)  # a copy of a run id the store no longer holds
+            return working_copy(child(history, candidate))
     raise StorageError(f"cannot create a run folder for {wanted_id} in {history}")
 
 
@@ -127,6 +150,10 @@ def write_pointer(history: str, pointer: str, run_id: str) -> str:
     return location
 
 
+def write_json(location: str, value: dict) -> None:
+    storage.write_bytes(location, json.dumps(value, indent=2, default=str).encode("utf-8"))
+
+
 def check_writable(history: str) -> None:
     probe = child(history, f".write-check-{uuid.uuid4().hex[:12]}")
     storage.write_bytes(probe, b"")
@@ -134,10 +161,37 @@ def check_writable(history: str) -> None:
 
 
 def delete_run(run_uri: str) -> None:
-    """The run's objects, then its working copy on this node."""
+    """The run's run.json first (so that it is no run any more, even if the rest is cut short),
+    then its other objects, then its working copy on this node."""
+    storage.delete(child(run_uri, RUN_FILE))
     storage.delete(run_uri, folder=True)
+    shutil.rmtree(_working_folder(run_uri), ignore_errors=True)
+
+
+def _working_folder(run_uri: str) -> Path:
     history, run_id = run_uri.rstrip("/").rsplit("/", 1)
-    shutil.rmtree(_working_root() / hashlib.sha256(history.encode()).hexdigest()[:16] / run_id, ignore_errors=True)
+    return _working_root() / hashlib.sha256(history.encode()).hexdigest()[:16] / run_id
+
+
+def _local_files(folder: Path) -> dict[str, int]:
+    """A working copy's files by relative path, with their sizes; not its marker or temporary files."""
+    found = {}
+    for path in folder.rglob("*"):
+        name = path.relative_to(folder).as_posix()
+        if path.is_file() and not any(part.startswith(".") for part in name.split("/")):
+            found[name] = path.stat().st_size
+    return found
+
+
+@contextmanager
+def _local_errors(folder: Path) -> Iterator[None]:
+    """A working copy that cannot be written (a full disk, a read-only home) is a one-line error."""
+    try:
+        yield
+    except OSError as exc:
+        raise StorageError(
+            f"cannot write the working copy {folder}: {exc.strerror or exc} (set CAM_AUDIT_CACHE to a writable folder)"
+        ) from exc
 
 
 def _working_root() -> Path:

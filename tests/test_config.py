@@ -154,3 +154,8 @@ def test_resume_cannot_change_what_a_run_computes_or_where_it_lies(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match="checkpoint not found"):  # the same file, typed relative: accepted
         resume_audit(tmp_path, changes={"checkpoint": "m.pt", "batch_size": 4})
+
+
+def test_a_run_location_with_store_options_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="out must be a URI without options"):
+        RunConfig(dataset="synthetic", model="m.pt", out="s3://bucket/audits?endpoint_override=127.0.0.1:9000")

@@ -43,6 +43,7 @@ def _check_pod(template: dict, gpu: bool) -> dict:
     assert container["name"] and container["image"]
     names = {variable["name"] for variable in container.get("env", [])}
     assert not names & CREDENTIALS, f"credentials in a manifest: {names & CREDENTIALS}"
+    assert not container.get("envFrom"), "variables loaded from a secret or config map"
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
     mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
     assert set(mounts) <= set(volumes), f"volume mounts without a volume: {set(mounts) - set(volumes)}"

@@ -469,6 +469,14 @@ def test_resource_plan_leaves_cpu_for_decoding(ray_session):
     assert plan_resources(actors=3).actors == 3
 
 
+def test_a_node_resource_places_the_job_and_one_no_node_holds_is_one_line(ray_session):
+    from audit.pipeline.cluster import ClusterError, plan_resources
+
+    with pytest.raises(ClusterError, match="no node of the Ray cluster has the resource 'gpu-pool'"):
+        plan_resources(node_resource="gpu-pool")
+    assert plan_resources().resources == {}
+
+
 def test_bench_pipeline_reports_throughput_and_memory(ray_session, tmp_path):
     from audit.pipeline.bench import bench_pipeline
 

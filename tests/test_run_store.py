@@ -183,6 +183,7 @@ def test_two_runs_finishing_together_cannot_leave_latest_on_the_older(runs_bucke
     for thread in threads:
         thread.join(timeout=20)
     monkeypatch.undo()
+    assert not any(thread.is_alive() for thread in threads) and newer_wrote.is_set()
 
     assert read_bytes(f"{where}/latest").decode().strip() == older  # the race happened
     assert history.resolve_run(f"{where}/latest").name == newer  # and readers see through it
@@ -205,30 +206,87 @@ def test_many_runs_finishing_and_pruning_at_once_keep_the_newest_and_what_latest
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
     assert history.resolve_run(f"{where}/latest").name == ids[-1]
-    assert history.is_run(child(where, ids[-1])) and history.is_run(child(where, ids[-2]))
+    assert history.prune(where, 2) == [child(where, run) for run in ids[:-2] if history.is_run(child(where, run))]
+    assert sorted(run_store.run_ids(where)) == ids[-2:]  # nothing else left, nothing newer lost
 
 
-def test_keep_on_a_bucket_spares_pointed_live_and_compared_runs_and_prunes_dead_ones(runs_bucket):
+def _lease(age_s: float) -> dict:
+    """A lease from a driver on another machine whose last heartbeat is ``age_s`` old."""
+    beat = datetime.now(timezone.utc) - timedelta(seconds=age_s)
+    return {"host": "another-node", "pid": 1, "heartbeat": beat.isoformat()}
+
+
+def test_keep_on_a_bucket_spares_pointed_live_compared_and_unreadable_runs_and_prunes_dead_ones(runs_bucket):
     where = f"{HISTORY}/keep"
-    now = datetime.now(timezone.utc)
-
-    def lease(age_s: float) -> dict:
-        return {"host": "another-node", "pid": 1, "heartbeat": (now - timedelta(seconds=age_s)).isoformat()}
-
-    plain, pinned, compared, dead, live, newest = _ids(6)
-    for run in (plain, pinned, compared, newest):
+    plain, pinned, compared, dead, live, damaged, latest, failed = _ids(8)
+    for run in (plain, pinned, compared, latest):
         _fake_run(runs_bucket, where, run)
-    _fake_run(runs_bucket, where, dead, status="running", lease=lease(3600))
-    _fake_run(runs_bucket, where, live, status="running", lease=lease(1), config={"baseline": child(where, compared)})
+    _fake_run(runs_bucket, where, dead, status="running", lease=_lease(3600))
+    _fake_run(runs_bucket, where, live, status="running", lease=_lease(1), config={"baseline": child(where, compared)})
+    _fake_run(runs_bucket, where, failed, status="failed")  # newer than `latest`, never complete
+    with runs_bucket.open_output_stream(f"{where.removeprefix('s3://')}/{damaged}/run.json") as out:
+        out.write(b'{"run_id": "cut sh')
     run_store.write_pointer(where, history.BASELINE, pinned)
-    run_store.write_pointer(where, history.LATEST, newest)
+    run_store.write_pointer(where, history.LATEST, latest)
     doomed_copy = run_store.working_copy(child(where, plain))
 
+    assert history.resolve_run(f"{where}/latest").name == latest  # a failed newer run is not `latest`
     deleted = history.prune(where, 1)
     assert sorted(deleted) == [child(where, plain), child(where, dead)]
     assert not history.is_run(child(where, plain)) and not doomed_copy.exists()
-    assert all(history.is_run(child(where, run)) for run in (pinned, compared, live, newest))
+    assert all(history.is_run(child(where, run)) for run in (pinned, compared, live, damaged, latest, failed))
+
+
+def test_a_baseline_pointer_whose_run_is_gone_fails_the_gate_instead_of_skipping_it(runs_bucket):
+    where = f"{HISTORY}/dangling"
+    (gone,) = _ids(1)
+    run_store.write_pointer(where, history.BASELINE, gone)
+    assert history.pointer_exists(f"{where}/baseline")
+    with pytest.raises(history.HistoryError, match=f"no run at {where}/baseline"):
+        history.resolve_run(f"{where}/baseline")
+    assert not history.pointer_exists(f"{where}/latest")
+
+
+def test_resume_takes_a_stored_run_over_before_fetching_it_and_refuses_a_live_one(runs_bucket):
+    where = f"{HISTORY}/takeover"
+    live, dead = _ids(2)
+    _fake_run(runs_bucket, where, live, status="running", lease=_lease(1))
+    _fake_run(runs_bucket, where, dead, status="interrupted", lease=_lease(3600))
+    with pytest.raises(history.HistoryError, match=f"run {live} is still running"):
+        history.take_over(child(where, live), history.new_lease())
+    mine = history.new_lease()
+    copy = history.take_over(child(where, dead), mine)
+    stored = json.loads(read_bytes(child(where, f"{dead}/run.json")))
+    assert stored["lease"] == mine and json.loads((copy / "run.json").read_text())["lease"] == mine
+    assert history.prune(where, 1) == []  # the taken-over run is live now
+
+
+def test_a_fetch_refreshes_the_working_copy_and_leaves_temporary_files_alone(runs_bucket):
+    uri = _fake_run(runs_bucket, f"{HISTORY}/fetch", _ids(1)[0])
+    copy = run_store.fetch(uri)
+    (copy / "explanations").mkdir()
+    (copy / "explanations" / "part-gone.parquet").write_bytes(b"pruned from the store")
+    (copy / "explanations" / ".part-new.parquet.tmp").write_bytes(b"a driver here writing")
+    _fake_run(runs_bucket, f"{HISTORY}/fetch", uri.rsplit("/", 1)[1], status="interrupted")
+    run_store.fetch(uri)
+    assert json.loads((copy / "run.json").read_text())["status"] == "interrupted"
+    assert not (copy / "explanations" / "part-gone.parquet").exists()
+    assert (copy / "explanations" / ".part-new.parquet.tmp").exists()
+
+
+def test_a_history_on_a_file_uri_works_like_a_bucket(tmp_path):
+    where = f"file://{tmp_path}/audits/ds"
+    older, newer = _ids(2)
+    for run in (older, newer):
+        copy = run_store.claim_run(where, run)
+        (copy / "run.json").write_text(json.dumps({"run_id": run, "status": "complete"}))
+        run_store.publish(copy, "run.json")
+        history.mark_latest(copy)
+    assert (tmp_path / "audits" / "ds" / "latest").read_text().strip() == newer
+    assert history.resolve_run(f"{where}/latest").name == newer
+    assert history.prune(where, 1) == [f"{where}/{older}"] and not (tmp_path / "audits" / "ds" / older).exists()
 
 
 def test_a_store_that_refuses_the_credential_or_has_no_bucket_is_one_line(s3, store_checkpoint):

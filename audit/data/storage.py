@@ -93,9 +93,12 @@ def stamp(location: str | os.PathLike) -> Stamp:
 
 
 def write_bytes(location: str, data: bytes) -> None:
-    """Write a whole file; on object storage one PUT, so readers see the old object or the new one."""
+    """Write a whole file; on object storage one PUT, so readers see the old object or the new one.
+    On a filesystem (local, ``file://``, ``hdfs://``) its folder is made first."""
     fs, path = _resolve(location)
     try:
+        if not is_uri(location) or urlsplit(str(location)).scheme.lower() not in OBJECT_STORES:
+            fs.create_dir(posixpath.dirname(path), recursive=True)
         with fs.open_output_stream(path) as stream:
             stream.write(data)
     except OSError as exc:
@@ -103,7 +106,7 @@ def write_bytes(location: str, data: bytes) -> None:
 
 
 def delete(location: str, folder: bool = False) -> None:
-    """Delete a file (or a folder and all under it); one that is already gone is no error."""
+    """Delete a file (or a folder and all under it, in no set order); one that is gone is no error."""
     fs, path = _resolve(location)
     try:
         if folder:
@@ -135,7 +138,7 @@ def folders(location: str) -> list[str]:
 
 
 def are_files(locations: list[str]) -> list[bool]:
-    """Whether each location is a file, asked of its store in one call."""
+    """Whether each location is a file (locations of one store; one request each on object storage)."""
     if not locations:
         return []
     fs, _ = _resolve(locations[0])

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import platform
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from audit import history
 from audit.config import COMPUTED, RunConfig
 from audit.data import load_dataset
 from audit.data.manifest import BOX_COLUMNS, Dataset, with_missing_masks_as_none
-from audit.data.storage import StorageError, file_sizes
+from audit.data.storage import StorageError, file_sizes, is_uri
 from audit.errors import AuditError
 from audit.explain.sanity import SANITY_FILE
 from audit.models.anatomy import inspect_model
@@ -51,7 +52,7 @@ from audit.pipeline.cluster import check_reachable, plan_resources, ray_cluster
 from audit.pipeline.read import read_batch
 from audit.pipeline.schema import KEY, explanation_schema, to_table
 from audit.pipeline.stages import Explainer, one_line
-from audit.run_store import publish
+from audit.run_store import publish, publish_missing
 
 RUN_FILE = history.RUN_FILE
 MANIFEST_FILE = "manifest.parquet"
@@ -115,16 +116,20 @@ def run_audit(config: RunConfig, execution: Execution = Execution()) -> Path:
     return _execute(state, execution)
 
 
-def resume_audit(run_dir: Path, execution: Execution = Execution(), changes: dict | None = None) -> Path:
-    """Finish an interrupted run without recomputing its finished rows.
+def resume_audit(run: Path | str, execution: Execution = Execution(), changes: dict | None = None) -> Path:
+    """Finish an interrupted run without recomputing its finished rows. ``run`` is its folder, or
+    its URI on object storage: the run is taken over there (a new lease in its run.json, so no
+    ``--keep`` deletes it) before it is fetched.
 
     ``changes`` may set the options that change no computed row (``batch_size``, ``fail_on``...)."""
-    run_dir = Path(run_dir).resolve()
-    info = read_info(run_dir)
-    if history.liveness(info, run_dir) == "live":
-        raise RunError(
-            f"run {run_dir.name} is still running ({history.lease_note(info)}); wait for it, or stop its driver first"
-        )
+    if is_uri(run):
+        run_dir = history.take_over(str(run), history.new_lease())
+        info = read_info(run_dir)
+    else:
+        run_dir = Path(run).resolve()
+        info = read_info(run_dir)
+        if history.liveness(info, run_dir) == "live":
+            raise RunError(history.still_running(info, run_dir.name))
     config = read_config(run_dir, info)
     if changes:
         thresholds = {**config.thresholds, **changes.get("thresholds", {})}
@@ -212,6 +217,7 @@ def _prepare(config: RunConfig) -> RunState:
             "warnings": dataset.warnings,
         },
         "attempts": [],
+        "lease": history.new_lease(),  # a run being prepared is a live one
     }
     _write_info(run_dir, info)
     return RunState(run_dir, config, model.data, checkpoint, schema, manifest, info)
@@ -449,9 +455,22 @@ def _finish(state: RunState, attempt: dict, began: float, status: str | None) ->
         "seconds": round(seconds, 3),
         "rows_per_second": round(counts["rows"] / seconds, 3) if seconds else None,
     }
-    state.save()
+    try:
+        state.save()
+        publish_missing(state.run_dir)  # a run on object storage: whatever an upload missed
+    except StorageError as exc:
+        if status in ("interrupted", "failed"):
+            print(f"warning: {exc}", file=sys.stderr)  # the error that stopped the run is the one to tell
+            return
+        raise RunError(
+            f"run {history.location(state.run_dir)} ended, but the store did not take all of it: {exc}; "
+            "resume it with --resume"
+        ) from exc
     if status == "complete":
-        history.mark_latest(state.run_dir)
+        try:
+            history.mark_latest(state.run_dir)
+        except history.HistoryError as exc:  # on a store readers find the newest complete run anyway
+            print(f"warning: latest not moved: {exc}", file=sys.stderr)
     if status == "incomplete":
         raise RunError(
             f"run {history.location(state.run_dir)} holds {counts['rows']} rows, expected {expected}; "
@@ -562,7 +581,7 @@ def read_config(run_dir: Path, info: dict) -> RunConfig:
     try:
         return RunConfig.from_dict(info["config"])
     except AuditError as exc:
-        raise RunError(f"{run_dir / RUN_FILE} is not a cam-audit run file: {exc}") from None
+        raise RunError(f"{history.location(run_dir)}/{RUN_FILE} is not a cam-audit run file: {exc}") from None
 
 
 def _write_info(run_dir: Path, info: dict) -> None:

@@ -142,7 +142,7 @@ def build_report(
     if baseline is not None:
         before = load_run(baseline)
         if before.run_dir == run.run_dir:
-            raise ReportInputError(f"a run cannot be its own baseline: {run.run_dir}")
+            raise ReportInputError(f"a run cannot be its own baseline: {location(run.run_dir)}")
         comparison = compare_runs(before, run, thresholds, tolerance, results, cluster_method)
     malignant = malignant_summary(malignant_view(run, thresholds))
     summary = make_summary(run, results, thresholds, malignant, cluster_method, sanity)
