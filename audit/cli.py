@@ -584,11 +584,9 @@ def baseline_command(run_dir: Path | str) -> None:
     Retention (--keep) never deletes the pinned run, and `audit run --baseline OUT/NAME/baseline`
     (or `baseline = ...` in a config file) compares every new run with it. Prints the pointer.
     """
-    from audit.history import BASELINE, history_of, point, read_run_info, resolve_run
+    from audit.history import pin_baseline
 
-    run_dir = resolve_run(run_dir)
-    read_run_info(run_dir)  # a run of ours, not a folder that happens to hold a run.json
-    click.echo(point(history_of(run_dir), BASELINE, run_dir))
+    click.echo(pin_baseline(run_dir))
 
 
 @main.group()

@@ -152,6 +152,10 @@ def read_run_info(run_dir: Path) -> dict:
         raise HistoryError(f"{run_dir} is not a run directory (no {RUN_FILE})") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise HistoryError(f"{path} is not a cam-audit run file: {first_line(exc)}") from None
+    return _checked(info, path)
+
+
+def _checked(info: object, path: Path | str) -> dict:
     missing = [key for key in RUN_KEYS if not isinstance(info, dict) or key not in info]
     if not missing and not (isinstance(info["model"], dict) and isinstance(info["model"].get("classes"), list)):
         missing = ["model.classes"]
@@ -274,6 +278,26 @@ def point(history: Path | str, pointer: str, run_dir: Path) -> Path | str:
         partial.write_text(run_dir.name + "\n", encoding="utf-8")
     os.replace(partial, link)
     return link
+
+
+def pin_baseline(location: Path | str) -> Path | str:
+    """Point its history's ``baseline`` at the run ``location`` names (a run folder or URI, or a
+    pointer); returns the pointer. On object storage only the run's run.json is read."""
+    if not is_uri(location):
+        run_dir = resolve_run(location)
+        read_run_info(run_dir)  # a run of ours, not a folder that happens to hold a run.json
+        return point(run_dir.parent, BASELINE, run_dir)
+    history, name = str(location).rstrip("/").rsplit("/", 1)
+    with _storage_errors():
+        run = _stored_pointer(history, name) if name in POINTERS else name
+        info = _stored_info(history, run) if run else {}
+        where = f"{child(history, run or name)}/{RUN_FILE}"
+        if info == {}:
+            raise HistoryError(f"no run at {location}")
+        if info is None:
+            raise HistoryError(f"{where} is not a cam-audit run file")
+        _checked(info, where)
+        return run_store.write_pointer(history, BASELINE, run)
 
 
 def pointer_exists(location: Path | str) -> bool:

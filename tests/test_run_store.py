@@ -249,6 +249,21 @@ def test_a_baseline_pointer_whose_run_is_gone_fails_the_gate_instead_of_skipping
     assert not history.pointer_exists(f"{where}/latest")
 
 
+def test_pinning_a_stored_run_reads_its_run_json_and_fetches_nothing(runs_bucket):
+    where = f"{HISTORY}/pin"
+    good, damaged = _ids(2)
+    _fake_run(runs_bucket, where, good)
+    with runs_bucket.open_output_stream(f"{where.removeprefix('s3://')}/{damaged}/run.json") as out:
+        out.write(json.dumps({"run_id": damaged}).encode())
+    assert history.pin_baseline(child(where, good)) == f"{where}/baseline"
+    assert read_bytes(f"{where}/baseline").decode().strip() == good
+    assert not run_store._working_folder(child(where, good)).exists()
+    with pytest.raises(history.HistoryError, match=r"is not a cam-audit run file \(no status"):
+        history.pin_baseline(child(where, damaged))
+    with pytest.raises(history.HistoryError, match=f"no run at {where}/nothing"):
+        history.pin_baseline(f"{where}/nothing")
+
+
 def test_resume_takes_a_stored_run_over_before_fetching_it_and_refuses_a_live_one(runs_bucket):
     where = f"{HISTORY}/takeover"
     live, dead = _ids(2)
