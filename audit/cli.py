@@ -285,7 +285,11 @@ LOCATION = Location()
     help="dataset folder (for manifest: the CSV/Parquet file, also on object storage: s3://, gs://, hdfs://)",
 )
 @model_options
-@click.option("--out", type=LOCATION, help=f"runs go to OUT/NAME/<run_id>/ [default: {_default('out')}]")
+@click.option(
+    "--out",
+    type=LOCATION,
+    help=f"runs go to OUT/NAME/<run_id>/, a folder or a URI (s3://, gs://, hdfs://) [default: {_default('out')}]",
+)
 @click.option(
     "--name", help="the audit's name: its history folder under OUT [default: the data folder's name, else the dataset]"
 )
