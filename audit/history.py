@@ -196,8 +196,8 @@ def still_running(info: dict, run_id: str) -> str:
 
 def take_over(location: str, lease: dict) -> Path:
     """A run on object storage that a driver resumes: refused while it is live; else its run.json
-    on the store gets ``lease`` first (so that no ``--keep`` deletes it from now on), then the run
-    is fetched into its working copy."""
+    on the store is marked ``running`` under ``lease`` first (so that no ``--keep`` deletes it from
+    now on), then the run is fetched into its working copy."""
     history, name = location.rstrip("/").rsplit("/", 1)
     with _storage_errors():
         run = _stored_pointer(history, name) if name in POINTERS else name
@@ -206,7 +206,7 @@ def take_over(location: str, lease: dict) -> Path:
             raise HistoryError(f"no run at {location}" if info == {} else f"{location} is not a cam-audit run file")
         if _stored_liveness(info) == "live":
             raise HistoryError(still_running(info, run))
-        run_store.write_json(child(history, f"{run}/{RUN_FILE}"), {**info, "lease": lease})
+        run_store.write_json(child(history, f"{run}/{RUN_FILE}"), {**info, "status": "running", "lease": lease})
         return run_store.fetch(child(history, run))
 
 

@@ -266,16 +266,18 @@ def test_pinning_a_stored_run_reads_its_run_json_and_fetches_nothing(runs_bucket
 
 def test_resume_takes_a_stored_run_over_before_fetching_it_and_refuses_a_live_one(runs_bucket):
     where = f"{HISTORY}/takeover"
-    live, dead = _ids(2)
+    live, dead, newest = _ids(3)
     _fake_run(runs_bucket, where, live, status="running", lease=_lease(1))
     _fake_run(runs_bucket, where, dead, status="interrupted", lease=_lease(3600))
+    _fake_run(runs_bucket, where, newest)
     with pytest.raises(history.HistoryError, match=f"run {live} is still running"):
         history.take_over(child(where, live), history.new_lease())
     mine = history.new_lease()
     copy = history.take_over(child(where, dead), mine)
     stored = json.loads(read_bytes(child(where, f"{dead}/run.json")))
-    assert stored["lease"] == mine and json.loads((copy / "run.json").read_text())["lease"] == mine
-    assert history.prune(where, 1) == []  # the taken-over run is live now
+    assert stored["lease"] == mine and stored["status"] == "running"
+    assert json.loads((copy / "run.json").read_text())["lease"] == mine
+    assert history.prune(where, 1) == []  # the taken-over run is live now, as is the other
 
 
 def test_a_fetch_refreshes_the_working_copy_and_leaves_temporary_files_alone(runs_bucket):
