@@ -280,6 +280,19 @@ def test_resume_takes_a_stored_run_over_before_fetching_it_and_refuses_a_live_on
     assert history.prune(where, 1) == []  # the taken-over run is live now, as is the other
 
 
+def test_a_resume_refused_before_any_work_hands_the_stored_run_back(runs_bucket):
+    from audit.pipeline.run import RunError, resume_audit
+
+    where = f"{HISTORY}/handback"
+    (run,) = _ids(1)
+    _fake_run(runs_bucket, where, run, status="interrupted", lease=_lease(3600))  # its config is empty
+    with pytest.raises(RunError, match="is not a cam-audit run file"):
+        resume_audit(child(where, run))
+    stored = json.loads(read_bytes(child(where, f"{run}/run.json")))
+    assert stored["status"] == "interrupted" and stored["lease"] == {}
+    assert history.take_over(child(where, run), history.new_lease()).name == run  # free to try again
+
+
 def test_a_fetch_refreshes_the_working_copy_and_leaves_temporary_files_alone(runs_bucket):
     uri = _fake_run(runs_bucket, f"{HISTORY}/fetch", _ids(1)[0])
     copy = run_store.fetch(uri)

@@ -125,11 +125,21 @@ def resume_audit(run: Path | str, execution: Execution = Execution(), changes: d
     if is_uri(run):
         run_dir = history.take_over(str(run), history.new_lease())
         info = read_info(run_dir)
+        try:
+            state = _resumed_state(run_dir, info, changes)
+        except AuditError:  # refused before any work: hand the run back as it was taken
+            _write_info(run_dir, {**info, "status": "interrupted", "lease": {}})
+            raise
     else:
         run_dir = Path(run).resolve()
         info = read_info(run_dir)
         if history.liveness(info, run_dir) == "live":
             raise RunError(history.still_running(info, run_dir.name))
+        state = _resumed_state(run_dir, info, changes)
+    return _execute(state, execution)
+
+
+def _resumed_state(run_dir: Path, info: dict, changes: dict | None) -> RunState:
     config = read_config(run_dir, info)
     if changes:
         thresholds = {**config.thresholds, **changes.get("thresholds", {})}
@@ -142,8 +152,7 @@ def resume_audit(run: Path | str, execution: Execution = Execution(), changes: d
     model = resolve_run_model(config, info)
     manifest = with_missing_masks_as_none(pd.read_parquet(run_dir / MANIFEST_FILE))
     schema = pq.read_schema(run_dir / "schema.parquet")
-    state = RunState(run_dir, config, model.data, model.checkpoint, schema, manifest, info)
-    return _execute(state, execution)
+    return RunState(run_dir, config, model.data, model.checkpoint, schema, manifest, info)
 
 
 def resolve_run_model(config: RunConfig, info: dict) -> ResolvedModel:
