@@ -16,6 +16,7 @@ for two runs of one audit finishing together, given a store with strong read-aft
 listing consistency (S3 and GCS have it):
 
 * every write is one object PUT, so a reader sees a whole run.json or pointer, old or new;
+* a run id is claimed by a claim object in its folder (:func:`claim_run`);
 * a pointer is a one-line file holding a run id (a store has no symbolic links);
 * ``latest`` is a hint that readers check: the run it names, or a newer *complete* run if there is
   one (a listing of the history, a check per run folder, and the run.json of the runs newer than
@@ -45,6 +46,7 @@ from audit.data.mask_cache import cache_folder
 from audit.data.storage import StorageError, child
 
 ORIGIN_FILE = ".origin"
+CLAIM_PREFIX = ".claim-"
 RUN_FILE = "run.json"
 
 
@@ -114,14 +116,25 @@ def fetch(run_uri: str) -> Path:
 
 
 def claim_run(history: str, wanted_id: str) -> Path:
-    """A new run's working copy: the id, or ``-2``, ``-3``... when a run with it exists already."""
+    """A new run's working copy: the id, or ``-2``, ``-3``... when a run holds it already.
+
+    Two drivers can want the same id (the same computation started in the same second), and a
+    store has no ``mkdir`` that fails for the second one. So each writes a claim object in the
+    run's folder, then lists the folder: a driver that sees any claim but its own gives the id
+    up. Whichever wrote second lists after both claims exist, so at most one keeps it (both may
+    give it up, and try the next)."""
     taken = set(run_ids(history, with_run_file=False))
     for attempt in range(1, 1000):
         candidate = wanted_id if attempt == 1 else f"{wanted_id}-{attempt}"
-        if candidate not in taken:
-            stale = _working_folder(child(history, candidate))
-            shutil.rmtree(stale, ignore_errors=True)  # a copy of a run id the store no longer holds
-            return working_copy(child(history, candidate))
+        if candidate in taken:
+            continue
+        claim = f"{CLAIM_PREFIX}{uuid.uuid4().hex}"
+        storage.write_bytes(child(history, f"{candidate}/{claim}"), b"")
+        if set(storage.Listing(child(history, candidate)).files) != {claim}:
+            continue
+        stale = _working_folder(child(history, candidate))
+        shutil.rmtree(stale, ignore_errors=True)  # a copy of a run id the store no longer holds
+        return working_copy(child(history, candidate))
     raise StorageError(f"cannot create a run folder for {wanted_id} in {history}")
 
 

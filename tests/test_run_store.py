@@ -306,6 +306,26 @@ def test_a_fetch_refreshes_the_working_copy_and_leaves_temporary_files_alone(run
     assert (copy / "explanations" / ".part-new.parquet.tmp").exists()
 
 
+def test_drivers_starting_the_same_run_in_the_same_second_get_different_run_ids(runs_bucket):
+    where = f"{HISTORY}/claims"
+    (wanted,) = _ids(1)
+    start = threading.Barrier(4)
+    claimed: list[str] = []
+
+    def claim() -> None:
+        start.wait(timeout=10)
+        claimed.append(run_store.claim_run(where, wanted).name)
+
+    threads = [threading.Thread(target=claim) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(claimed) == 4 and len(set(claimed)) == 4, claimed
+    assert all(run == wanted or run.startswith(f"{wanted}-") for run in claimed)
+    assert run_store.claim_run(where, wanted).name not in claimed  # a later one takes a free id too
+
+
 def test_a_history_on_a_file_uri_works_like_a_bucket(tmp_path):
     where = f"file://{tmp_path}/audits/ds"
     older, newer = _ids(2)
