@@ -198,12 +198,8 @@ def take_over(location: str, lease: dict) -> Path:
     """A run on object storage that a driver resumes: refused while it is live; else its run.json
     on the store is marked ``running`` under ``lease`` first (so that no ``--keep`` deletes it from
     now on), then the run is fetched into its working copy."""
-    history, name = location.rstrip("/").rsplit("/", 1)
     with _storage_errors():
-        run = _stored_pointer(history, name) if name in POINTERS else name
-        info = _stored_info(history, run) if run else {}
-        if not info:
-            raise HistoryError(f"no run at {location}" if info == {} else f"{location} is not a cam-audit run file")
+        history, run, info = _stored_run(location)
         if _stored_liveness(info) == "live":
             raise HistoryError(still_running(info, run))
         run_store.write_json(child(history, f"{run}/{RUN_FILE}"), {**info, "status": "running", "lease": lease})
@@ -287,16 +283,8 @@ def pin_baseline(location: Path | str) -> Path | str:
         run_dir = resolve_run(location)
         read_run_info(run_dir)  # a run of ours, not a folder that happens to hold a run.json
         return point(run_dir.parent, BASELINE, run_dir)
-    history, name = str(location).rstrip("/").rsplit("/", 1)
     with _storage_errors():
-        run = _stored_pointer(history, name) if name in POINTERS else name
-        info = _stored_info(history, run) if run else {}
-        where = f"{child(history, run or name)}/{RUN_FILE}"
-        if info == {}:
-            raise HistoryError(f"no run at {location}")
-        if info is None:
-            raise HistoryError(f"{where} is not a cam-audit run file")
-        _checked(info, where)
+        history, run, _ = _stored_run(str(location))
         return run_store.write_pointer(history, BASELINE, run)
 
 
@@ -399,14 +387,21 @@ def _order_id(run_id: str) -> tuple[str, int]:
 def _resolve_stored(uri: str) -> Path:
     history, name = uri.rsplit("/", 1)
     with _storage_errors():
-        if name in POINTERS:
-            run = _stored_pointer(history, name)
-            if run is None:
-                raise HistoryError(f"no run at {uri}")
-            uri = child(history, run)
-        if not storage_is_file(child(uri, RUN_FILE)):
-            raise HistoryError(f"no run at {uri} (no {RUN_FILE})")
-        return run_store.fetch(uri)
+        run = _stored_pointer(history, name) if name in POINTERS else name
+        if run is None:
+            raise HistoryError(f"no run at {uri}")
+        return run_store.fetch(child(history, run))  # which fails where there is no run.json
+
+
+def _stored_run(location: str) -> tuple[str, str, dict]:
+    """The history, id and checked run.json of the stored run ``location`` names (a run or a
+    pointer), read without fetching the run."""
+    history, name = location.rstrip("/").rsplit("/", 1)
+    run = _stored_pointer(history, name) if name in POINTERS else name
+    info = _stored_info(history, run) if run else {}
+    if info == {}:
+        raise HistoryError(f"no run at {location}")
+    return history, run, _checked(info, f"{child(history, run)}/{RUN_FILE}")
 
 
 def _stored_pointer(history: str, pointer: str) -> str | None:

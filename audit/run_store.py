@@ -99,7 +99,7 @@ def fetch(run_uri: str) -> Path:
     removed, except temporary ones (dot-files: a driver on this node may be writing them)."""
     listing = storage.Listing(run_uri)
     if RUN_FILE not in listing.files:
-        raise StorageError(f"{run_uri} is not a run directory (no {RUN_FILE})")
+        raise StorageError(f"no run at {run_uri} (no {RUN_FILE})")
     folder = working_copy(run_uri)
     with _local_errors(folder):
         for name, size in listing.sizes.items():

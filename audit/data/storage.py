@@ -129,12 +129,7 @@ def is_file(location: str) -> bool:
 
 def folders(location: str) -> list[str]:
     """The names of the folders right under ``location`` (key prefixes on object storage)."""
-    fs, path = _resolve(location)
-    try:
-        entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except OSError as exc:
-        raise StorageError(f"cannot list {location}: {first_line(exc)}") from exc
-    return [info.base_name for info in entries if info.type == pafs.FileType.Directory]
+    return [info.base_name for info in _entries(location) if info.type == pafs.FileType.Directory]
 
 
 def are_files(locations: list[str]) -> list[bool]:
@@ -197,24 +192,28 @@ def file_sizes(locations: list[str]) -> dict[str, int]:
     """Size of each file that exists, by location: one listing per folder on object storage (not
     one request per object), a stat per file locally."""
     sizes: dict[str, int] = {}
-    folders: dict[str, list[str]] = {}
+    by_folder: dict[str, list[str]] = {}
     for location in locations:
         if is_uri(location):
-            folders.setdefault(uri_parent(location), []).append(location)
+            by_folder.setdefault(uri_parent(location), []).append(location)
         elif os.path.isfile(location):
             sizes[location] = os.path.getsize(location)
-    for folder, inside in folders.items():
-        fs, path = _resolve(folder)
-        try:
-            listing = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        except OSError as exc:
-            raise StorageError(_reason(folder, exc)) from exc
-        found = {info.path.rsplit("/", 1)[-1]: info.size for info in listing if info.type == pafs.FileType.File}
+    for folder, inside in by_folder.items():
+        found = {info.base_name: info.size for info in _entries(folder) if info.type == pafs.FileType.File}
         for location in inside:
             name = unquote(urlsplit(location).path.rsplit("/", 1)[-1])
             if name in found:
                 sizes[location] = int(found[name])
     return sizes
+
+
+def _entries(location: str) -> list[pafs.FileInfo]:
+    """What lies right under ``location``: one listing."""
+    fs, path = _resolve(location)
+    try:
+        return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as exc:
+        raise StorageError(f"cannot list {location}: {first_line(exc)}") from exc
 
 
 def _resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
