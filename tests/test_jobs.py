@@ -165,6 +165,7 @@ def test_submit_recipe_runs_an_audit_as_a_ray_job(ray_head, tmp_path):
     (new,) = [run for run in runs(history) if run not in (pinned, old)]
     info = json.loads((new / "run.json").read_text())
     assert info["status"] == "complete" and info["counts"]["rows"] == 24 and info["audit"] == "nightly"
+    assert info["attempts"][0]["driver_rows"] == 0  # a driver joining a cluster leaves every batch to the actors
     assert (new / "summary.json").is_file() and (new / "report.html").is_file()
     assert str(new) in output  # the run directory is the job's last line
     compared = json.loads((new / "compare.json").read_text())

@@ -147,6 +147,7 @@ def test_two_nodes_run_the_job_on_the_worker_from_the_bucket_as_one_node_does(
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "complete" and info["counts"]["rows"] == IMAGES + 2
     assert info["attempts"][0]["resources"]["resources"] == {RESOURCE: 0.001}
+    assert info["attempts"][0]["driver_rows"] == 0  # no head start for a run placed on chosen nodes
 
     nodes = _node_ids(worker_node)
     actors = _placed(worker_node, "actors", "class_name", "Explainer")

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+import audit.pipeline.run as run_module
 from audit import history
 from audit.config import RunConfig
 from audit.data.ham10000 import CLASSES
@@ -31,6 +33,7 @@ from audit.explain.sanity import SANITY_FILE, SANITY_METHODS
 from audit.history import runs
 from audit.models import load_checkpoint, load_model
 from audit.models.checkpoint import save_random_checkpoint
+from audit.pipeline.head_start import driver_may_explain
 from audit.pipeline.read import read_batch
 from audit.pipeline.run import OUTPUT_DIR, Execution, RunError, count_rows, resume_audit, run_audit
 from audit.pipeline.schema import AGREEMENT_COLUMNS, EVIDENCE_COLUMNS, LOCALIZATION_COLUMNS, MAP_COLUMNS
@@ -82,6 +85,10 @@ def _assert_each_key_once(rows: pd.DataFrame) -> None:
     """Rejected rows may repeat an id (a duplicate is one of the reasons); every other key is unique."""
     explained = rows[rows["error_stage"].fillna("") != "manifest"]
     assert not explained.duplicated(["image_id", "target_kind"]).any()
+
+
+def _map_values(stored):
+    return None if stored is None else list(stored)
 
 
 def _rows(run_dir) -> pd.DataFrame:
@@ -197,6 +204,7 @@ def test_run_json(finished):
     assert len(info["model"]["sha256"]) == 64 and len(info["dataset"]["fingerprint"]) == 64
     assert info["versions"]["torch"] and info["versions"]["ray"]
     assert info["attempts"][0]["computed_rows"] == 48 and info["timings"]["seconds"] > 0
+    assert info["attempts"][0]["driver_rows"] == 8  # the driver's head start: the first batch of 4 images
     assert info["execution"] == {"device": "cpu", "precision": "fp32", "batch_size": 4}
     first = info["attempts"][0]
     assert 0 < first["first_batch_s"] < first["seconds"] and first["steady_images_per_s"] > 0
@@ -266,6 +274,54 @@ def test_resuming_a_complete_run_computes_nothing(finished, tmp_path):
     resume_audit(run_dir, Execution(progress=False))
     attempt = json.loads((run_dir / "run.json").read_text())["attempts"][-1]
     assert attempt["computed_rows"] == 0 and "sanity_seconds" not in attempt  # the check is not run twice
+
+
+def test_the_driver_may_explain_only_cpu_runs_on_the_ray_instance_it_started(ray_session):
+    assert driver_may_explain(0.0, {})  # this test session started its local Ray instance
+    assert not driver_may_explain(1.0, {})  # a GPU run: rows in the run's precision on the actors' device
+    assert not driver_may_explain(0.0, {"audit_worker": 0.001})  # a run placed on chosen nodes
+    # a driver joining a running cluster: test_jobs.py and test_multinode.py check run.json's driver_rows == 0
+
+
+def test_the_driver_head_start_writes_the_rows_an_actor_writes(
+    ray_session, dataset_dir, checkpoint, tmp_path, monkeypatch
+):
+    """The first batch (with four unreadable images) explained in the driver equals the actors' rows."""
+    config = _config(dataset_dir, checkpoint, tmp_path / "head-start", limit=8)
+    head_started = run_audit(config, Execution(progress=False))
+    attempt = json.loads((head_started / "run.json").read_text())["attempts"][0]
+    assert attempt["driver_rows"] == 8 and attempt["computed_rows"] == 16  # one batch of 4 images x 2 targets
+    assert attempt["first_batch_s"] > 0 and attempt["steady_images_per_s"] is None  # the actors wrote one batch
+
+    monkeypatch.setattr(run_module, "driver_may_explain", lambda *plan: False)
+    actors_only = run_audit(replace(config, out=str(tmp_path / "actors")), Execution(progress=False))
+    assert json.loads((actors_only / "run.json").read_text())["attempts"][0]["driver_rows"] == 0
+    one, two = (
+        _rows(d).sort_values(["image_id", "target_kind"], ignore_index=True) for d in (head_started, actors_only)
+    )
+    assert set(one.loc[one["status"] == "error", "image_id"]) >= {"ISIC_0000001", "ISIC_0000002", "ISIC_0000003"}
+    maps = list(MAP_COLUMNS)
+    pd.testing.assert_frame_equal(one.drop(columns=maps), two.drop(columns=maps))
+    for column in maps:
+        assert one[column].map(_map_values).tolist() == two[column].map(_map_values).tolist(), column
+
+
+def test_a_failed_head_start_leaves_its_rows_to_the_actors(
+    ray_session, dataset_dir, checkpoint, tmp_path, monkeypatch, capsys
+):
+    def fail(*args):
+        raise MemoryError("out of memory in the driver")
+
+    monkeypatch.setattr(run_module, "explain_in_driver", fail)
+    config = _config(dataset_dir, checkpoint, tmp_path, limit=8, evidence="none")
+    run_dir = run_audit(config, Execution(progress=False))
+    assert (
+        "warning: the driver's head start failed, its rows go to the actors: out of memory" in capsys.readouterr().err
+    )
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "complete" and info["counts"]["rows"] == 16
+    assert info["attempts"][0]["driver_rows"] == 0 and info["attempts"][0]["passes"] == 2
+    _assert_each_key_once(_rows(run_dir))
 
 
 def test_a_killed_worker_is_retried_and_every_row_lands_once(ray_session, dataset_dir, checkpoint, tmp_path):

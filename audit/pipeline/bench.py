@@ -7,7 +7,7 @@ default) and one random-init model, in one Ray session:
   explain, metrics, Parquet; no evidence by intervention, no sanity check), of the same job
   computing predictions only, and of the job as ``audit run`` runs it by default (with the
   evidence by intervention and the sanity check). End to end is the job's wall clock, actor
-  start-up included; steady state is the rate after the first written batch;
+  start-up included; steady state is the job's rate after its actors' first batch;
 * start-up: seconds from Ray being up to the first written batch (run.json ``attempts``), after
   an untimed small run has started Ray's worker processes (a fresh ``audit run`` also pays
   ``ray.init``, which the CLI's own timings show);

@@ -7,10 +7,12 @@ Exactly once, by construction rather than by trust in the executor:
 * before each pass the driver lists what is done: it deletes temporary files a killed driver
   left behind and output files that cannot be read, and drops keys that another file already
   holds; what is left to do is the job's input, one block per batch;
-* the job streams the pending rows through Ray Data; a killed worker is restarted and its task
-  retried by Ray Data. The driver writes each explained batch as it arrives, atomically (a
-  temporary file renamed) and named by a hash of its keys, so a batch delivered twice lands
-  once, and finished batches are on disk however the run ends. (Ray Data's ``write_parquet``
+* the job streams the pending rows through Ray Data (on a CPU run on the local Ray instance,
+  the driver explains each pass's first batch itself while the actors start:
+  :mod:`audit.pipeline.head_start`); a killed worker is restarted and its task retried by Ray
+  Data. The driver writes each explained batch as it arrives, atomically (a temporary file
+  renamed) and named by a hash of its keys, so a batch delivered twice lands once, and
+  finished batches are on disk however the run ends. (Ray Data's ``write_parquet``
   was the first design: its write tasks queued behind the read tasks on small machines and
   wrote at the end, and a local path written from worker nodes needs a shared filesystem.
   Explanation rows are small, a few hundred bytes, so the driver is no bottleneck.);
@@ -29,6 +31,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 
@@ -49,6 +52,7 @@ from audit.models.anatomy import inspect_model
 from audit.models.checkpoint import Checkpoint
 from audit.models.source import ResolvedModel, check_request, module_root, resolve_model
 from audit.pipeline.cluster import check_reachable, plan_resources, ray_cluster
+from audit.pipeline.head_start import HeadStart, driver_may_explain, explain_in_driver
 from audit.pipeline.read import read_batch
 from audit.pipeline.schema import KEY, explanation_schema, to_table
 from audit.pipeline.stages import Explainer, one_line
@@ -253,6 +257,7 @@ def _execute(state: RunState, execution: Execution) -> Path:
                 batch_size=state.info["execution"]["batch_size"],
             )
             checkpoint_ref = ray.put(state.checkpoint_bytes)
+            head_start = driver_may_explain(plan.gpus_per_actor, plan.resources)
             for _ in range(MAX_PASSES):
                 pending = _pending(state)
                 if pending.empty:
@@ -260,7 +265,14 @@ def _execute(state: RunState, execution: Execution) -> Path:
                 todo = int(pending["kinds"].map(len).sum())
                 state.record(attempt, passes=attempt["passes"] + 1, computed_rows=attempt["computed_rows"] + todo)
                 with _Progress(_expected_rows(state), todo, enabled=execution.progress) as reporter:
-                    _run_pass(state, pending, plan, checkpoint_ref, execution, reporter)
+                    failure = _run_pass(state, pending, plan, checkpoint_ref, execution, reporter, head_start)
+                if failure:
+                    print(
+                        f"warning: the driver's head start failed, its rows go to the actors: {failure}",
+                        file=sys.stderr,
+                    )
+                    head_start = False
+                state.record(attempt, driver_rows=attempt.get("driver_rows", 0) + reporter.driver_rows)
                 if attempt["passes"] == 1:
                     state.record(attempt, **reporter.timing(ready))
             if (
@@ -297,8 +309,53 @@ def actor_config(state: RunState) -> dict:
 
 
 def _run_pass(
-    state: RunState, pending: pd.DataFrame, plan, checkpoint_ref, execution: Execution, progress: _Progress
+    state: RunState,
+    pending: pd.DataFrame,
+    plan,
+    checkpoint_ref,
+    execution: Execution,
+    progress: _Progress,
+    head_start: bool,
+) -> str | None:
+    """Explain ``pending`` and write it batch by batch; with a ``head_start``, the driver explains
+    the first batch itself (:mod:`audit.pipeline.head_start`). Returns why a head start failed."""
+    config = state.config
+    # One block per batch, all the way down: each batch reaches the driver when it is explained,
+    # not when a large block fills. (A Parquet source of small files is read as one block.)
+    batch_size = state.info["execution"]["batch_size"]
+    batches = _batches(pending, batch_size)
+    read_kwargs = {"input_size": state.checkpoint.input_size, "masks": config.masks}
+    explainer_kwargs = {
+        "checkpoint_ref": [checkpoint_ref],
+        "config": actor_config(state),
+        "schema": state.schema,
+        "threads": plan.torch_threads,
+        "mode": execution.mode,
+        "delay": execution.batch_delay,
+    }
+
+    def write(table: pa.Table, by_driver: bool = False) -> None:
+        write_batch(table, state.run_dir / OUTPUT_DIR)
+        progress.advance(table.num_rows, len(pc.unique(table.column("image_id"))), by_driver)
+
+    actor_kwargs = {**explainer_kwargs, "kill_after": execution.kill_worker_after}
+    if not head_start:
+        _run_job(batches, batch_size, plan, read_kwargs, actor_kwargs, write)
+        return None
+    head = batches.pop(0)
+    with HeadStart(
+        partial(explain_in_driver, head, read_kwargs, explainer_kwargs), partial(write, by_driver=True)
+    ) as driver:
+        _run_job(batches, batch_size, plan, read_kwargs, actor_kwargs, write)
+    return driver.error
+
+
+def _run_job(
+    batches: list[pd.DataFrame], batch_size: int, plan, read_kwargs: dict, explainer_kwargs: dict, write
 ) -> None:
+    """The Ray Data job: read tasks, then the explain actors; ``write`` takes each explained batch as it arrives."""
+    if not batches:
+        return
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -306,14 +363,10 @@ def _run_pass(
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    config = state.config
-    # One block per batch, all the way down: each batch reaches the driver when it is explained,
-    # not when a large block fills. (A Parquet source of small files is read as one block.)
-    batch_size = state.info["execution"]["batch_size"]
-    dataset = ray.data.from_pandas(_batches(pending, batch_size))
+    dataset = ray.data.from_pandas(batches)
     read = dataset.map_batches(
         read_batch,
-        fn_kwargs={"input_size": state.checkpoint.input_size, "masks": config.masks},
+        fn_kwargs=read_kwargs,
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=plan.read_cpus,
@@ -321,15 +374,7 @@ def _run_pass(
     )
     explained = read.map_batches(
         Explainer,
-        fn_constructor_kwargs={
-            "checkpoint_ref": [checkpoint_ref],
-            "config": actor_config(state),
-            "schema": state.schema,
-            "threads": plan.torch_threads,
-            "mode": execution.mode,
-            "kill_after": execution.kill_worker_after,
-            "delay": execution.batch_delay,
-        },
+        fn_constructor_kwargs=explainer_kwargs,
         batch_size=batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=plan.actors),
@@ -340,8 +385,7 @@ def _run_pass(
     # prefetch_batches=0: a batch is written as soon as it is explained, not when the next one is
     for table in explained.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         if table.num_rows:
-            write_batch(table, state.run_dir / OUTPUT_DIR)
-            progress.advance(table.num_rows, len(pc.unique(table.column("image_id"))))
+            write(table)
 
 
 def model_code_env(config: RunConfig) -> dict | None:
@@ -418,8 +462,8 @@ def done_keys(run_dir: Path) -> pd.DataFrame:
     """Keys held by the output files, after removing unreadable files and duplicate rows."""
     seen: set[tuple[str, str]] = set()
     frames = []
-    for partial in (run_dir / OUTPUT_DIR).glob(".*.tmp"):
-        partial.unlink()  # a write the driver did not live to rename
+    for unfinished in (run_dir / OUTPUT_DIR).glob(".*.tmp"):
+        unfinished.unlink()  # a write the driver did not live to rename
     for file in sorted((run_dir / OUTPUT_DIR).glob("*.parquet")):
         if file.name == REJECTED_FILE:
             continue
@@ -632,36 +676,46 @@ class _Heartbeat:
 
 
 class _Progress:
-    """One line on stderr every few seconds: rows done of all, rate, time left."""
+    """One line on stderr every few seconds: rows done of all, rate, time left. Batches may come
+    from two threads (the job's and the driver's head start)."""
 
     def __init__(self, total: int, todo: int, enabled: bool, every: float = 5.0) -> None:
         self.total, self.done, self.enabled, self.every = total, total - todo, enabled, every
-        self.new = self.images = self.first_images = 0
-        self.first_batch = self.last_batch = None
+        self.new = self.images = self.driver_rows = 0
+        self.first_batch = None
+        self.job_batches: list[tuple[float, int]] = []  # (written at, images) of the job's batches
+        self.lock = threading.Lock()
 
     def __enter__(self) -> _Progress:
         self.began = self.last = time.perf_counter()
         return self
 
-    def advance(self, rows: int, images: int) -> None:
-        self.new += rows
-        self.images += images
-        self.last_batch = time.perf_counter()
-        if self.first_batch is None:
-            self.first_batch, self.first_images = self.last_batch, images
-        if time.perf_counter() - self.last >= self.every:
-            self._report()
+    def advance(self, rows: int, images: int, by_driver: bool = False) -> None:
+        with self.lock:
+            now = time.perf_counter()
+            self.new += rows
+            self.images += images
+            self.first_batch = self.first_batch or now
+            if by_driver:
+                self.driver_rows += rows
+            else:
+                self.job_batches.append((now, images))
+            if now - self.last >= self.every:
+                self._report()
 
     def __exit__(self, *exc: object) -> None:
         if exc[0] is None:
             self._report()
 
     def timing(self, ready: float) -> dict:
-        """Seconds from Ray being up to the first written batch, and the rate after it (images/s)."""
+        """Seconds from Ray being up to the first written batch, and the job's rate after its own
+        first batch (images/s): the steady state, the actors' start-up left out."""
         if self.first_batch is None:
             return {}
-        after = self.last_batch - self.first_batch
-        steady = (self.images - self.first_images) / after if after > 0 else None
+        steady = None
+        if len(self.job_batches) > 1:
+            (first, _), (last, _) = self.job_batches[0], self.job_batches[-1]
+            steady = sum(images for _, images in self.job_batches[1:]) / (last - first) if last > first else None
         return {
             "first_batch_s": round(self.first_batch - ready, 3),
             "steady_images_per_s": round(steady, 3) if steady else None,

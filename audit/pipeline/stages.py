@@ -62,6 +62,8 @@ class Explainer:
     ``audit bench pipeline``). ``kill_after`` (``"N:marker-path"``) is a fault-injection hook
     for tests: the N-th batch SIGKILLs this worker process once, when the marker file does not
     exist yet. ``delay`` (seconds) slows every batch down, so a test can interrupt a run mid-way.
+    ``device`` None: the worker's GPU when Ray gave it one, else the CPU (the driver's head start
+    passes ``"cpu"``).
     """
 
     def __init__(
@@ -73,8 +75,9 @@ class Explainer:
         mode: str = "explain",
         kill_after: str | None = None,
         delay: float = 0.0,
+        device: str | None = None,
     ) -> None:
-        checkpoint, model, self.device = load_actor_model(checkpoint_ref, threads)
+        checkpoint, model, self.device = load_actor_model(checkpoint_ref, threads, device)
         self.engine = explain_engine(model, checkpoint, config)
         self.mean = torch.tensor(checkpoint.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(checkpoint.std, device=self.device).view(1, 3, 1, 1)
@@ -192,18 +195,21 @@ def model_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> 
     return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 
 
-def load_actor_model(checkpoint_ref: list, threads: int | None) -> tuple[Checkpoint, torch.nn.Module, torch.device]:
-    """The run's model on this worker's device: its GPU when Ray gave it one, else the CPU."""
+def load_actor_model(
+    checkpoint_ref: list, threads: int | None, device: str | None = None
+) -> tuple[Checkpoint, torch.nn.Module, torch.device]:
+    """The run's model on ``device``; None: this worker's GPU when Ray gave it one, else the CPU."""
     import ray
 
     if threads:
         torch.set_num_threads(threads)
     checkpoint: Checkpoint = checkpoint_from_bytes(ray.get(checkpoint_ref[0]))
-    device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
     model = load_model(checkpoint).to(device)
-    if device.type == "cuda":
+    if device == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    return checkpoint, model, device
+    return checkpoint, model, torch.device(device)
 
 
 def explain_engine(model: torch.nn.Module, checkpoint: Checkpoint, config: dict) -> ExplainEngine:
