@@ -115,11 +115,13 @@ def ray_session(tmp_path_factory):
 
     import ray
 
+    from audit.pipeline.cluster import start_local_ray
+
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     # No GPUs: the suite's runs are CPU runs on every machine, so their expectations (fp32, the
     # CPU's batch size) hold where a GPU is present too; the GPU paths have tests of their own.
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, _temp_dir=temp_dir, logging_level="WARNING")
+    start_local_ray(num_cpus=2, num_gpus=0, include_dashboard=False, _temp_dir=temp_dir, logging_level="WARNING")
     yield
     ray.shutdown()
 

@@ -17,6 +17,7 @@ from dataclasses import replace
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -26,6 +27,7 @@ import audit.pipeline.run as run_module
 from audit import history
 from audit.config import RunConfig
 from audit.data.ham10000 import CLASSES
+from audit.data.storage import StorageError
 from audit.data.synthetic import Shortcut, SyntheticSpec, generate
 from audit.explain import ExplainEngine
 from audit.explain.evidence import FAITHFULNESS_COLUMNS, OCCLUSION_COLUMNS, gather_evidence
@@ -33,7 +35,7 @@ from audit.explain.sanity import SANITY_FILE, SANITY_METHODS
 from audit.history import runs
 from audit.models import load_checkpoint, load_model
 from audit.models.checkpoint import save_random_checkpoint
-from audit.pipeline.head_start import driver_may_explain
+from audit.pipeline.head_start import HeadStart, driver_may_explain
 from audit.pipeline.read import read_batch
 from audit.pipeline.run import OUTPUT_DIR, Execution, RunError, count_rows, resume_audit, run_audit
 from audit.pipeline.schema import AGREEMENT_COLUMNS, EVIDENCE_COLUMNS, LOCALIZATION_COLUMNS, MAP_COLUMNS
@@ -315,13 +317,31 @@ def test_a_failed_head_start_leaves_its_rows_to_the_actors(
     monkeypatch.setattr(run_module, "explain_in_driver", fail)
     config = _config(dataset_dir, checkpoint, tmp_path, limit=8, evidence="none")
     run_dir = run_audit(config, Execution(progress=False))
-    assert (
-        "warning: the driver's head start failed, its rows go to the actors: out of memory" in capsys.readouterr().err
-    )
+    warning = "warning: the driver's head start failed, its rows go to the actors: MemoryError: out of memory"
+    assert warning in capsys.readouterr().err
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "complete" and info["counts"]["rows"] == 16
     assert info["attempts"][0]["driver_rows"] == 0 and info["attempts"][0]["passes"] == 2
     _assert_each_key_once(_rows(run_dir))
+
+
+def test_a_head_start_raises_its_failed_write_and_writes_nothing_after_a_stopped_pass():
+    table = pa.table({"image_id": ["a"]})
+
+    def refuse(written):
+        raise StorageError("cannot write s3://runs/x: access denied")
+
+    with pytest.raises(StorageError, match="access denied"):  # as a failed write on the main thread
+        with HeadStart(lambda: table, refuse):
+            pass
+
+    release, written = threading.Event(), []
+    with pytest.raises(KeyboardInterrupt):
+        with HeadStart(lambda: release.wait(10) and table, written.append) as driver:
+            raise KeyboardInterrupt  # Ctrl-C: the pass ends without waiting for the driver's batch
+    release.set()
+    driver.thread.join(10)
+    assert written == [] and driver.error is None
 
 
 def test_a_killed_worker_is_retried_and_every_row_lands_once(ray_session, dataset_dir, checkpoint, tmp_path):

@@ -3,6 +3,9 @@
 Without an address a local Ray instance is started for the run and shut down after it;
 ``auto`` or ``ray://host:port`` (or ``host:port``) joins an existing cluster, which is left
 running. A driver that is already connected (a test session, a notebook) is reused as is.
+Whether this process started the instance it is connected to is remembered
+(:func:`driver_started_ray`): only then may the driver compute rows itself
+(:mod:`audit.pipeline.head_start`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def ray_cluster(address: str | None = None, runtime_env: dict | None = None) -> 
         check_reachable(address)
     try:
         if address is None:
-            ray.init(
+            start_local_ray(
                 include_dashboard=False,
                 logging_level=logging.WARNING,
                 configure_logging=True,
@@ -48,6 +51,28 @@ def ray_cluster(address: str | None = None, runtime_env: dict | None = None) -> 
         yield
     finally:
         ray.shutdown()
+
+
+_started_here: set[str] = set()  # GCS addresses of the Ray instances this process started
+
+
+def start_local_ray(**init_kwargs) -> None:
+    """``ray.init`` without an address, remembering whether it started an instance of its own:
+    it joins the cluster ``RAY_ADDRESS`` names, or one already running on this machine, instead."""
+    import ray
+
+    context = ray.init(**init_kwargs)
+    node = getattr(getattr(ray._private.worker, "global_worker", None), "node", None)
+    if getattr(node, "head", False):
+        _started_here.add(context.address_info["gcs_address"])
+
+
+def driver_started_ray() -> bool:
+    """True while this process is connected to a local Ray instance it started (:func:`start_local_ray`):
+    its workers are this process's children, with its environment, its files and its code."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().gcs_address in _started_here
 
 
 @dataclass(frozen=True)

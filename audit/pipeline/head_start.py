@@ -9,13 +9,14 @@ then :class:`~audit.pipeline.stages.Explainer` with the actors' options and thre
 the job's batch formats between them, while Ray Data explains the rest. Its rows are the rows
 an actor writes.
 
-Where the driver may compute (:func:`driver_may_explain`): a CPU run on the local Ray instance
-this driver started, its workers the driver's children, with its environment and its files, so
-the driver reads what they read and computes as they do, in float32 on a CPU. A GPU run has no
-head start (the driver has no GPU of Ray's, and rows are computed in the run's precision on its
-device); nor a driver joining a cluster (its node may lack the data, the credentials or the
-memory), nor a run placed by ``--node-resource``. A head start that fails leaves its rows
-pending for the actors.
+Where the driver may compute (:func:`driver_may_explain`): a CPU run on a local Ray instance
+this driver started (:func:`~audit.pipeline.cluster.start_local_ray`), whose workers are the
+driver's children, with its environment, its files and its code, so the driver reads what they
+read and computes as they do, on a CPU in the run's precision. A GPU run has no head start (the
+driver has no GPU of Ray's, and rows are computed on the run's device); nor a driver joining a
+cluster (its node may lack the data, the credentials or the memory), nor a run placed by
+``--node-resource``. A head start that fails to explain its batch leaves the rows pending for
+the actors; one whose pass is stopped (Ctrl-C, a failed job) writes nothing after it.
 """
 
 from __future__ import annotations
@@ -28,17 +29,14 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from audit.errors import first_line
+from audit.pipeline.cluster import driver_started_ray
 from audit.pipeline.read import read_batch
-from audit.pipeline.stages import Explainer
+from audit.pipeline.stages import Explainer, one_line
 
 
 def driver_may_explain(gpus_per_actor: float, resources: dict) -> bool:
     """True for a CPU plan without a custom resource, on a local Ray instance this process started."""
-    import ray
-
-    node = getattr(ray._private.worker.global_worker, "node", None)
-    return not gpus_per_actor and not resources and bool(getattr(node, "head", False))
+    return not gpus_per_actor and not resources and driver_started_ray()
 
 
 def explain_in_driver(frame: pd.DataFrame, read_kwargs: dict, explainer_kwargs: dict) -> pa.Table:
@@ -63,26 +61,45 @@ def _as_job_batch(batch: pd.DataFrame | dict[str, np.ndarray]) -> dict[str, np.n
 
 
 class HeadStart:
-    """Runs ``explain`` then ``write`` on one batch in a thread for the block; the block waits for it at its end.
+    """Runs ``explain`` then ``write`` on one batch in a thread while the block runs.
 
-    ``error`` holds the one-line reason when the head start failed (its rows then stay pending)."""
+    At the block's end it waits for the thread, and raises a failed write there (as a write on
+    the main thread would fail the pass); ``error`` holds why ``explain`` failed, its rows then
+    left pending. A block that raises (Ctrl-C, a failed job) does not wait for the batch: the
+    thread writes nothing after it.
+    """
 
     def __init__(self, explain: Callable[[], pa.Table], write: Callable[[pa.Table], None]) -> None:
         self.explain, self.write = explain, write
         self.error: str | None = None
+        self.write_error: BaseException | None = None
+        self.stopped = False
+        self.lock = threading.Lock()  # a write in progress finishes before the block is left
         self.thread = threading.Thread(target=self._run, name="cam-audit-head-start", daemon=True)
 
     def __enter__(self) -> HeadStart:
         self.thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None:
+            with self.lock:
+                self.stopped = True
+            return
         self.thread.join()
+        if self.write_error is not None:
+            raise self.write_error
 
     def _run(self) -> None:
         try:
             table = self.explain()
-            if table.num_rows:
+        except Exception as exc:  # noqa: BLE001 - any failure to explain hands the batch to the actors
+            self.error = one_line(exc)
+            return
+        with self.lock:
+            if self.stopped or not table.num_rows:
+                return
+            try:
                 self.write(table)
-        except Exception as exc:  # noqa: BLE001 - any failure hands the batch to the actors
-            self.error = first_line(exc) or type(exc).__name__
+            except BaseException as exc:  # noqa: BLE001 - raised on the main thread at the block's end
+                self.write_error = exc

@@ -29,6 +29,7 @@ import platform
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -51,7 +52,7 @@ from audit.explain.sanity import SANITY_FILE
 from audit.models.anatomy import inspect_model
 from audit.models.checkpoint import Checkpoint
 from audit.models.source import ResolvedModel, check_request, module_root, resolve_model
-from audit.pipeline.cluster import check_reachable, plan_resources, ray_cluster
+from audit.pipeline.cluster import ResourcePlan, check_reachable, plan_resources, ray_cluster
 from audit.pipeline.head_start import HeadStart, driver_may_explain, explain_in_driver
 from audit.pipeline.read import read_batch
 from audit.pipeline.schema import KEY, explanation_schema, to_table
@@ -239,7 +240,7 @@ def _prepare(config: RunConfig) -> RunState:
 def _execute(state: RunState, execution: Execution) -> Path:
     import ray
 
-    attempt = {"started": _now(), "computed_rows": 0, "passes": 0}
+    attempt = {"started": _now(), "computed_rows": 0, "passes": 0, "driver_rows": 0}
     state.info["attempts"].append(attempt)
     state.info["status"] = "running"
     state.info["lease"] = history.new_lease()
@@ -272,7 +273,7 @@ def _execute(state: RunState, execution: Execution) -> Path:
                         file=sys.stderr,
                     )
                     head_start = False
-                state.record(attempt, driver_rows=attempt.get("driver_rows", 0) + reporter.driver_rows)
+                state.record(attempt, driver_rows=attempt["driver_rows"] + reporter.driver_rows)
                 if attempt["passes"] == 1:
                     state.record(attempt, **reporter.timing(ready))
             if (
@@ -351,7 +352,12 @@ def _run_pass(
 
 
 def _run_job(
-    batches: list[pd.DataFrame], batch_size: int, plan, read_kwargs: dict, explainer_kwargs: dict, write
+    batches: list[pd.DataFrame],
+    batch_size: int,
+    plan: ResourcePlan,
+    read_kwargs: dict,
+    actor_kwargs: dict,
+    write: Callable[[pa.Table], None],
 ) -> None:
     """The Ray Data job: read tasks, then the explain actors; ``write`` takes each explained batch as it arrives."""
     if not batches:
@@ -374,7 +380,7 @@ def _run_job(
     )
     explained = read.map_batches(
         Explainer,
-        fn_constructor_kwargs=explainer_kwargs,
+        fn_constructor_kwargs=actor_kwargs,
         batch_size=batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=plan.actors),
