@@ -273,9 +273,8 @@ def _execute(state: RunState, execution: Execution) -> Path:
                         file=sys.stderr,
                     )
                     head_start = False
-                state.record(attempt, driver_rows=attempt["driver_rows"] + reporter.driver_rows)
-                if attempt["passes"] == 1:
-                    state.record(attempt, **reporter.timing(ready))
+                timing = reporter.timing(ready) if attempt["passes"] == 1 else {}
+                state.record(attempt, driver_rows=attempt["driver_rows"] + reporter.driver_rows, **timing)
             if (
                 execution.mode == "explain"
                 and state.config.sanity_images
@@ -320,12 +319,11 @@ def _run_pass(
 ) -> str | None:
     """Explain ``pending`` and write it batch by batch; with a ``head_start``, the driver explains
     the first batch itself (:mod:`audit.pipeline.head_start`). Returns why a head start failed."""
-    config = state.config
     # One block per batch, all the way down: each batch reaches the driver when it is explained,
     # not when a large block fills. (A Parquet source of small files is read as one block.)
     batch_size = state.info["execution"]["batch_size"]
     batches = _batches(pending, batch_size)
-    read_kwargs = {"input_size": state.checkpoint.input_size, "masks": config.masks}
+    read_kwargs = {"input_size": state.checkpoint.input_size, "masks": state.config.masks}
     explainer_kwargs = {
         "checkpoint_ref": [checkpoint_ref],
         "config": actor_config(state),
